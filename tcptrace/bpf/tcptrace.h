@@ -1,0 +1,149 @@
+/*
+ * tcptrace.h: what every tcptrace program shares.
+ *
+ * No kernel header is included. Tracepoint records are the generated
+ * `struct tp_<event>` (laid out from the running kernel's format files, with
+ * HAS_<EVENT>_<FIELD> macros giving each present field's size), and the few
+ * kernel struct offsets a tool needs come from BTF as integer #defines.
+ *
+ * Output goes to one stream named `events`: a BPF ring buffer when
+ * TCPTRACE_RINGBUF is set (kernel 5.8+, one ordered stream for all CPUs),
+ * else a per-CPU perf buffer. A full ring buffer drops silently, so every
+ * failed submission is counted here in tcptrace_stats; the perf buffer
+ * reports its own losses to user space.
+ */
+
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define TASK_COMM_LEN 16
+
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_FIN_WAIT1 4
+#define TCP_FIN_WAIT2 5
+#define TCP_TIME_WAIT 6
+#define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
+#define TCP_LAST_ACK 9
+#define TCP_LISTEN 10
+#define TCP_CLOSING 11
+#define TCP_NEW_SYN_RECV 12
+
+#ifndef TCPTRACE_MAX_SOCKETS
+#define TCPTRACE_MAX_SOCKETS 65536
+#endif
+#ifndef TCPTRACE_RINGBUF_PAGES
+#define TCPTRACE_RINGBUF_PAGES 256
+#endif
+#define TCPTRACE_MAX_FILTER 64
+
+/* Slots of tcptrace_stats, read and reported by the runtime. */
+#define STAT_LOST_OUTPUT 0 /* events dropped: the output buffer was full */
+#define STAT_UNTRACKED 1   /* sockets not tracked: a per-socket map was full */
+#define STAT_SLOTS 2
+
+BPF_PERCPU_ARRAY(tcptrace_stats, u64, STAT_SLOTS);
+
+static __always_inline void stat_inc(u32 slot)
+{
+	u64 *value = tcptrace_stats.lookup(&slot);
+	if (value)
+		(*value)++;
+}
+
+#ifdef TCPTRACE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, TCPTRACE_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+static __always_inline void emit(void *ctx, void *event, u32 size)
+{
+#ifdef TCPTRACE_RINGBUF
+	if (events.ringbuf_output(event, size, 0) != 0)
+		stat_inc(STAT_LOST_OUTPUT);
+#else
+	/* The perf buffer counts what it drops and tells user space. */
+	events.perf_submit(ctx, event, size);
+#endif
+}
+
+/* Filters: integer #defines and maps filled by user space before attach. */
+static __always_inline int family_ok(u16 family)
+{
+#ifdef FILTER_FAMILY
+	return family == FILTER_FAMILY;
+#else
+	return family == AF_INET || family == AF_INET6;
+#endif
+}
+
+#ifdef FILTER_LPORTS
+BPF_HASH(filter_lports, u16, u8, TCPTRACE_MAX_FILTER);
+#endif
+#ifdef FILTER_RPORTS
+BPF_HASH(filter_rports, u16, u8, TCPTRACE_MAX_FILTER);
+#endif
+#ifdef FILTER_PIDS
+BPF_HASH(filter_pids, u32, u8, TCPTRACE_MAX_FILTER);
+#endif
+
+static __always_inline int lport_ok(u16 port)
+{
+#ifdef FILTER_LPORTS
+	return filter_lports.lookup(&port) != 0;
+#else
+	return 1;
+#endif
+}
+
+static __always_inline int rport_ok(u16 port)
+{
+#ifdef FILTER_RPORTS
+	return filter_rports.lookup(&port) != 0;
+#else
+	return 1;
+#endif
+}
+
+static __always_inline int pid_ok(u32 pid)
+{
+#ifdef FILTER_PIDS
+	return filter_pids.lookup(&pid) != 0;
+#else
+	return 1;
+#endif
+}
+
+static __always_inline int ports_ok(u16 lport, u16 rport)
+{
+	return lport_ok(lport) && rport_ok(rport);
+}
+
+/*
+ * Addresses travel as 16 bytes with a family: IPv4 in the first 4.
+ * Tracepoint records carry both an IPv4 and an IPv6 copy (saddr/daddr and
+ * saddr_v6/daddr_v6); the family picks one. Byte arrays have alignment 1,
+ * so these copies compile to byte loads, which any record offset allows.
+ */
+#define COPY_ADDRS(ev, args)                                                   \
+	do {                                                                   \
+		if ((ev)->family == AF_INET6) {                                \
+			__builtin_memcpy((ev)->saddr, (args)->saddr_v6, 16);   \
+			__builtin_memcpy((ev)->daddr, (args)->daddr_v6, 16);   \
+		} else {                                                       \
+			__builtin_memcpy((ev)->saddr, (args)->saddr, 4);       \
+			__builtin_memcpy((ev)->daddr, (args)->daddr, 4);       \
+		}                                                              \
+	} while (0)
+
+static __always_inline u32 current_pid(void)
+{
+	return bpf_get_current_pid_tgid() >> 32;
+}

@@ -1,0 +1,205 @@
+"""Struct member offsets from the running kernel's BTF.
+
+Byte counters live in struct tcp_sock, whose layout changes with every
+kernel and config. Reading them at offsets taken from kernel headers of
+another build is how tcplife prints garbage; the kernel's own BTF
+(/sys/kernel/btf/vmlinux, format in Documentation/bpf/btf.rst) is the
+layout of the running kernel. This is a small pure-Python reader of that
+format: it needs no libbpf, bpftool or headers.
+"""
+
+import hashlib
+import json
+import os
+import struct
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+MAGIC = 0xEB9F
+
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION = 1, 2, 3, 4, 5
+KIND_ENUM, KIND_FWD, KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST = 6, 7, 8, 9, 10
+KIND_RESTRICT, KIND_FUNC, KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC = 11, 12, 13, 14, 15
+KIND_FLOAT, KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 16, 17, 18, 19
+
+# Bytes that follow the 12-byte common header: (fixed, per vlen item).
+_TRAILER = {
+    KIND_INT: (4, 0),
+    KIND_ARRAY: (12, 0),
+    KIND_STRUCT: (0, 12),
+    KIND_UNION: (0, 12),
+    KIND_ENUM: (0, 8),
+    KIND_FUNC_PROTO: (0, 8),
+    KIND_VAR: (4, 0),
+    KIND_DATASEC: (0, 12),
+    KIND_DECL_TAG: (4, 0),
+    KIND_ENUM64: (0, 12),
+}
+_MODIFIERS = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
+
+
+class BTFError(ValueError):
+    pass
+
+
+class BTF:
+    """Types of one BTF blob, indexed lazily: only the offset of each type
+    record is kept, decoding happens on demand."""
+
+    def __init__(self, data):
+        if len(data) < 24:
+            raise BTFError("BTF blob too short")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != MAGIC:
+            raise BTFError("not a BTF blob (bad magic)")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self.data = data
+        self.types_start = hdr_len + type_off
+        self.types_end = self.types_start + type_len
+        self.strings_start = hdr_len + str_off
+        self.strings_end = self.strings_start + str_len
+        if self.types_end > len(data) or self.strings_end > len(data):
+            raise BTFError("BTF sections run past the end of the blob")
+        self.records = [0]  # type id -> record offset; id 0 is void
+        unpack = struct.Struct("<III").unpack_from
+        pos = self.types_start
+        end = self.types_end
+        records = self.records
+        while pos < end:
+            records.append(pos)
+            _name, info, _st = unpack(data, pos)
+            kind = (info >> 24) & 0x1F
+            fixed, per = _TRAILER.get(kind, (0, 0))
+            pos += 12 + fixed + per * (info & 0xFFFF)
+        if pos != end:
+            raise BTFError("BTF type section is malformed")
+
+    def string(self, offset):
+        start = self.strings_start + offset
+        end = self.data.index(b"\0", start, self.strings_end)
+        return self.data[start:end].decode()
+
+    def _header(self, type_id):
+        name_off, info, size_or_type = struct.unpack_from("<III", self.data, self.records[type_id])
+        return name_off, (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31), size_or_type
+
+    def find(self, name, kind):
+        """Type ids of the named types of one kind (there may be several)."""
+        wanted = name.encode()
+        ids = []
+        for type_id in range(1, len(self.records)):
+            name_off, k, _vlen, _kf, _st = self._header(type_id)
+            if k == kind and name_off and self._name_equals(name_off, wanted):
+                ids.append(type_id)
+        return ids
+
+    def _name_equals(self, offset, wanted):
+        start = self.strings_start + offset
+        return self.data[start:start + len(wanted) + 1] == wanted + b"\0"
+
+    def members(self, type_id):
+        """(name, type id, bit offset, bitfield size) of a struct or union."""
+        _n, kind, vlen, kind_flag, _size = self._header(type_id)
+        if kind not in (KIND_STRUCT, KIND_UNION):
+            raise BTFError(f"type {type_id} is not a struct or union")
+        pos = self.records[type_id] + 12
+        out = []
+        for _ in range(vlen):
+            name_off, mtype, offset = struct.unpack_from("<III", self.data, pos)
+            bits = 0
+            if kind_flag:
+                bits, offset = offset >> 24, offset & 0xFFFFFF
+            out.append((self.string(name_off) if name_off else "", mtype, offset, bits))
+            pos += 12
+        return out
+
+    def resolve(self, type_id):
+        """Skip typedefs and qualifiers."""
+        while True:
+            _n, kind, _v, _kf, target = self._header(type_id)
+            if kind not in _MODIFIERS:
+                return type_id
+            type_id = target
+
+    def size(self, type_id):
+        type_id = self.resolve(type_id)
+        _n, kind, _v, _kf, size_or_type = self._header(type_id)
+        if kind in (KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FLOAT):
+            return size_or_type
+        if kind == KIND_PTR:
+            return 8
+        if kind == KIND_ARRAY:
+            elem, _index, nelems = struct.unpack_from("<III", self.data, self.records[type_id] + 12)
+            return self.size(elem) * nelems
+        raise BTFError(f"type {type_id} has no size")
+
+    def member_offset(self, struct_id, name):
+        """(byte offset, size) of a member, looking inside anonymous members."""
+        for mname, mtype, bit_offset, bits in self.members(struct_id):
+            if mname == name:
+                if bits or bit_offset % 8:
+                    raise BTFError(f"member {name} is a bitfield")
+                return bit_offset // 8, self.size(mtype)
+            if not mname:
+                inner = self.resolve(mtype)
+                if self._header(inner)[1] in (KIND_STRUCT, KIND_UNION):
+                    found = self.member_offset(inner, name)
+                    if found:
+                        return bit_offset // 8 + found[0], found[1]
+        return None
+
+
+def struct_offsets(btf, struct_name, members):
+    """{member: (offset, size)} for the members the struct has; a member the
+    kernel lacks is left out, so callers can say which column is unavailable."""
+    ids = [i for i in btf.find(struct_name, KIND_STRUCT) if btf.members(i)]
+    if not ids:
+        return {}
+    found = {}
+    for member in members:
+        where = btf.member_offset(ids[0], member)
+        if where:
+            found[member] = where
+    return found
+
+
+def _cache_key(path):
+    st = os.stat(path)
+    uname = os.uname()
+    raw = f"{uname.release}|{uname.version}|{st.st_size}|{st.st_mtime_ns}|{path}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def cache_dir():
+    return os.environ.get("TCPTRACE_CACHE_DIR") or (
+        "/var/cache/tcptrace" if os.geteuid() == 0 else os.path.expanduser("~/.cache/tcptrace")
+    )
+
+
+def kernel_offsets(struct_name, members, path=VMLINUX, cache=True):
+    """Member offsets in the running kernel, cached per kernel build.
+
+    Returns None when the kernel has no BTF: callers then mark the columns
+    that need it as unavailable rather than guess.
+    """
+    if not os.path.exists(path):
+        return None
+    key = f"{_cache_key(path)}-{struct_name}-{'-'.join(sorted(members))}"
+    cache_file = os.path.join(cache_dir(), f"btf-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
+    if cache:
+        try:
+            with open(cache_file) as f:
+                return {k: tuple(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError):
+            pass
+    with open(path, "rb") as f:
+        found = struct_offsets(BTF(f.read()), struct_name, members)
+    if cache:
+        try:
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            tmp = f"{cache_file}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(found, f)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache only costs start-up time
+    return found

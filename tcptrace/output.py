@@ -1,0 +1,191 @@
+"""The one output layer: streaming table, CSV and JSON Lines, and tabulate
+summaries for count modes.
+
+stdout carries data only. Rows are written to Python's buffered stdout and
+the runtime flushes once per poll batch, so a pipe sees them within one poll
+interval without paying a write() per row.
+"""
+
+import csv
+import json
+import math
+import time
+
+from .spec import Column
+
+FORMATS = ("table", "csv", "json")
+
+TIME_COLUMN = Column("time", "TIME", 8)
+TIMESTAMP_COLUMN = Column("timestamp", "TIME(s)", 9, ".6f")
+
+
+def _cell(col, width, value):
+    if value is None:
+        value = "-"
+        spec = ""
+    else:
+        spec = col.spec
+        if isinstance(value, float) and not math.isfinite(value):
+            value, spec = str(value), ""
+    if col.truncate and isinstance(value, str):
+        value = value[:width]
+    try:
+        text = format(value, spec)
+    except (ValueError, TypeError):
+        text = str(value)
+    if not width:
+        return text
+    return text.rjust(width) if col.right else text.ljust(width)
+
+
+class Clock:
+    """TIME and TIME(s) values for an event: wall-clock HH:MM:SS when the
+    event is printed (as bcc's -T) and seconds since the first event, from
+    the kernel's monotonic timestamps (as bcc's -t)."""
+
+    def __init__(self):
+        self.first_ns = None
+        self._second = None
+        self._text = ""
+
+    def time(self):
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._text = time.strftime("%H:%M:%S", time.localtime(now))
+        return self._text
+
+    def since_first(self, ts_ns):
+        if self.first_ns is None:
+            self.first_ns = ts_ns
+        return (ts_ns - self.first_ns) / 1e9
+
+
+class Writer:
+    def __init__(self, stream, columns, show_time=False, show_timestamp=False, wide=False, extended=False):
+        self.stream = stream
+        self.clock = Clock()
+        self.show_time = show_time
+        self.show_timestamp = show_timestamp
+        self.wide = wide
+        self.extended = extended
+        # Positions, in decode()'s row, of the columns this format shows.
+        self.index = [i for i, c in enumerate(columns) if self._shows(c)]
+        self.columns = [columns[i] for i in self.index]
+        prefix = []
+        if show_time:
+            prefix.append(TIME_COLUMN)
+        if show_timestamp:
+            prefix.append(TIMESTAMP_COLUMN)
+        self.all_columns = prefix + self.columns
+        self.rows = 0
+
+    def _shows(self, col):
+        return col.json and (self.extended or not col.extended)
+
+    def _prefix(self, ts_ns):
+        out = []
+        if self.show_time:
+            out.append(self.clock.time())
+        if self.show_timestamp:
+            out.append(self.clock.since_first(ts_ns))
+        return out
+
+    def header(self):
+        pass
+
+    def flush(self):
+        self.stream.flush()
+
+    def summary(self, columns, rows, title=None):
+        """A count-mode table: all rows at once, so tabulate can size it."""
+        raise NotImplementedError
+
+
+class TableWriter(Writer):
+    def _shows(self, col):
+        return col.table and (self.wide or not col.wide_only) and (self.extended or not col.extended)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cols = self.all_columns
+        self.widths = [(c.wide or c.width) if self.wide else c.width for c in cols]
+        self.widths[-1] = 0
+        # The fast path: one format string for a row without blanks.
+        parts = []
+        for col, width in zip(cols, self.widths):
+            align = ">" if col.right else "<"
+            cut = f".{width}" if (col.truncate and width) else ""
+            parts.append("{:%s%s%s%s}" % (align, width or "", cut, col.spec))
+        self.template = " ".join(parts)
+
+    def header(self):
+        cells = [
+            h.rjust(w) if c.right else h.ljust(w)
+            for c, w, h in zip(self.all_columns, self.widths, (c.header for c in self.all_columns))
+        ]
+        self.stream.write(" ".join(cells).rstrip() + "\n")
+
+    def row(self, ts_ns, values):
+        vals = self._prefix(ts_ns) if (self.show_time or self.show_timestamp) else []
+        vals += [values[i] for i in self.index]
+        try:
+            line = self.template.format(*vals)
+        except (ValueError, TypeError):
+            line = " ".join(_cell(c, w, v) for c, w, v in zip(self.all_columns, self.widths, vals))
+        self.stream.write(line + "\n")
+        self.rows += 1
+
+    def summary(self, columns, rows, title=None):
+        from tabulate import tabulate
+
+        if title:
+            self.stream.write(title + "\n")
+        body = [["-" if v is None else v for v in row] for row in rows]
+        self.stream.write(
+            tabulate(body, headers=[c.header for c in columns], tablefmt="plain",
+                     disable_numparse=True) + "\n"
+        )
+
+
+class CsvWriter(Writer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.csv = csv.writer(self.stream, lineterminator="\n")
+
+    def header(self):
+        self.csv.writerow([c.key for c in self.all_columns])
+
+    def row(self, ts_ns, values):
+        vals = self._prefix(ts_ns) + [values[i] for i in self.index]
+        self.csv.writerow(["" if v is None else v for v in vals])
+        self.rows += 1
+
+    def summary(self, columns, rows, title=None):
+        self.csv.writerow([c.key for c in columns])
+        for row in rows:
+            self.csv.writerow(["" if v is None else v for v in row])
+
+
+class JsonWriter(Writer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keys = [c.key for c in self.all_columns]
+        self.dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+    def row(self, ts_ns, values):
+        vals = self._prefix(ts_ns) + [values[i] for i in self.index]
+        self.stream.write(self.dumps(dict(zip(self.keys, vals))) + "\n")
+        self.rows += 1
+
+    def summary(self, columns, rows, title=None):
+        keys = [c.key for c in columns]
+        for row in rows:
+            self.stream.write(self.dumps(dict(zip(keys, row))) + "\n")
+
+
+WRITERS = {"table": TableWriter, "csv": CsvWriter, "json": JsonWriter}
+
+
+def writer(kind, stream, columns, **kwargs):
+    return WRITERS[kind](stream, columns, **kwargs)

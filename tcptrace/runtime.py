@@ -1,0 +1,531 @@
+"""The runtime: the only module that imports bcc.
+
+It finds bcc, checks privileges, mounts tracefs when needed, reads the
+formats of the tracepoints a tool uses, builds the program without kernel
+headers, attaches it, polls the ring or perf buffer, counts lost events and
+detaches. Every bcc failure becomes one of our error types here.
+"""
+
+import ctypes
+import importlib
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import btf, codegen, headers, tracefs
+from .errors import (
+    BccMissingError,
+    BuildError,
+    PrivilegeError,
+    TcptraceError,
+    TracefsError,
+)
+from .spec import DecodeContext
+
+CAP_PERFMON = 38
+CAP_BPF = 39
+POLL_MS = 100
+STATS_EVERY_S = 1.0
+STAT_LOST_OUTPUT, STAT_UNTRACKED = 0, 1
+
+# Where distributions put bcc's pure-Python module, for a Python (a venv,
+# pyenv) that does not see the distribution's site directory.
+BCC_DIRS = (
+    "/usr/lib/python3/dist-packages",
+    "/usr/lib/python{v}/site-packages",
+    "/usr/lib64/python{v}/site-packages",
+    "/usr/local/lib/python{v}/dist-packages",
+    "/usr/share/bcc/python",
+)
+
+
+def bcc_package_hint():
+    """The package that provides bcc's Python module on this distribution."""
+    ids = ""
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith(("ID=", "ID_LIKE=")):
+                    ids += " " + line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    if re.search(r"\b(debian|ubuntu)\b", ids):
+        return "install it with: apt-get install python3-bpfcc"
+    if re.search(r"\b(fedora|rhel|centos)\b", ids):
+        return "install it with: dnf install python3-bcc"
+    if re.search(r"\barch\b", ids):
+        return "install it with: pacman -S python-bcc"
+    return "install your distribution's bcc Python package (python3-bpfcc on Debian/Ubuntu, python3-bcc on Fedora)"
+
+
+def _is_real_bcc(module):
+    return hasattr(module, "BPF") and hasattr(module, "__file__")
+
+
+def find_bcc():
+    """Import the distribution's bcc module; returns (module, where).
+
+    The PyPI package named bcc is an unrelated project: a module without
+    bcc.BPF is not accepted.
+    """
+    for mod in [m for m in sys.modules if m == "bcc" or m.startswith("bcc.")]:
+        if not _is_real_bcc(sys.modules.get("bcc")):
+            del sys.modules[mod]
+    try:
+        import bcc
+
+        if _is_real_bcc(bcc):
+            return bcc, os.path.dirname(bcc.__file__)
+        del sys.modules["bcc"]
+    except ImportError:
+        pass
+    except Exception as e:  # a broken install: libbcc missing, ABI mismatch
+        raise BccMissingError(f"bcc's Python module is installed but fails to load ({e}); {bcc_package_hint()}.")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for template in BCC_DIRS:
+        path = template.format(v=version)
+        if not os.path.isfile(os.path.join(path, "bcc", "__init__.py")):
+            continue
+        sys.path.append(path)
+        try:
+            module = importlib.import_module("bcc")
+            if _is_real_bcc(module):
+                return module, os.path.dirname(module.__file__)
+        except Exception as e:
+            raise BccMissingError(
+                f"bcc's Python module in {path} fails to load ({e}); {bcc_package_hint()}."
+            )
+        finally:
+            sys.path.remove(path)
+    raise BccMissingError(f"bcc's Python module was not found; {bcc_package_hint()}.")
+
+
+def capabilities():
+    """The effective capability mask of this process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_privileges():
+    if os.geteuid() == 0:
+        return
+    caps = capabilities()
+    if caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON):
+        return
+    raise PrivilegeError(
+        "tcptrace loads BPF programs into the kernel: run it as root (sudo) or with CAP_BPF and CAP_PERFMON."
+    )
+
+
+def formats_source(formats_dir=None):
+    """Where format files come from: a saved directory, or tracefs (mounted
+    here if it is not yet)."""
+    hidden = tracefs.hidden_from_env()
+    if formats_dir:
+        return tracefs.FormatSource(formats_dir, hidden)
+    root = tracefs.ensure_mounted()
+    if not root:
+        if os.geteuid() != 0:
+            raise TracefsError(
+                "tracefs is not mounted and only root can mount it: mount -t tracefs nodev /sys/kernel/tracing."
+            )
+        raise TracefsError("tracefs is not mounted and mounting it on /sys/kernel/tracing failed.")
+    if not os.access(os.path.join(root, "events"), os.R_OK | os.X_OK):
+        raise TracefsError(f"tracefs at {root} is not readable by this user: run tcptrace as root.")
+    return tracefs.FormatSource(root, hidden)
+
+
+def kernel_version():
+    return headers.version_triple(os.uname().release)
+
+
+def ringbuf_supported():
+    return kernel_version() >= (5, 8, 0)
+
+
+@dataclass
+class RunOptions:
+    output: str = "table"
+    wide: bool = False
+    time: bool = False
+    timestamp: bool = False
+    extended: bool = False
+    family: int = 0  # 0 for both, else AF_INET / AF_INET6
+    pids: tuple = ()
+    lports: tuple = ()
+    rports: tuple = ()
+    duration: float = 0.0
+    max_events: int = 0
+    buffer: str = "auto"
+    buffer_pages: int = 0
+    verbose: bool = False
+    count: bool = False
+    interval: float = 0.0
+    top: int = 0
+    extra: dict = field(default_factory=dict)  # tool-specific integer settings
+
+
+def defines_for(spec, opts, use_ring):
+    defs = {}
+    if use_ring:
+        defs["TCPTRACE_RINGBUF"] = 1
+        defs["TCPTRACE_RINGBUF_PAGES"] = opts.buffer_pages or 512
+    if opts.family:
+        defs["FILTER_FAMILY"] = opts.family
+    if opts.lports:
+        defs["FILTER_LPORTS"] = 1
+    if opts.rports:
+        defs["FILTER_RPORTS"] = 1
+    if opts.pids:
+        defs["FILTER_PIDS"] = 1
+    if opts.extended:
+        defs["TCPTRACE_EXTENDED"] = 1
+    if opts.count:
+        defs["TCPTRACE_COUNT"] = 1
+    for name, value in opts.extra.items():
+        defs[name] = value
+    return defs
+
+
+@dataclass
+class Plan:
+    """Everything decided before bcc is touched: the program and its inputs."""
+
+    text: str
+    formats: dict
+    missing: list
+    use_ring: bool
+    btf: dict
+    release: str
+
+
+def plan(spec, opts, source, release=None, btf_offsets=None):
+    """Resolve formats, BTF offsets and options into the program text."""
+    release = release or source.kernel_release()
+    formats, missing = codegen.resolve(spec, source)
+    if opts.buffer == "ring":
+        use_ring = True
+    elif opts.buffer == "perf":
+        use_ring = False
+    else:
+        use_ring = ringbuf_supported()
+    defs = defines_for(spec, opts, use_ring)
+    found = {}
+    for struct_name, members in spec.btf.items():
+        offsets = btf_offsets(struct_name, members) if btf_offsets else btf.kernel_offsets(struct_name, members)
+        for member, (offset, size) in (offsets or {}).items():
+            found[f"{struct_name}.{member}"] = (offset, size)
+            defs[f"OFF_{struct_name.upper()}_{member.upper()}"] = offset
+    text = codegen.program(spec, formats, defs, release)
+    return Plan(text, formats, missing, use_ring, found, release)
+
+
+def symbols_of(formats):
+    out = {}
+    for name, fmt in formats.items():
+        for fname, table in fmt.symbols.items():
+            out[f"{name}.{fname}"] = table
+    return out
+
+
+class Stopper:
+    """SIGINT, SIGTERM and SIGHUP end the run at the next poll."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class Session:
+    """One loaded program: build, attach, poll, detach."""
+
+    def __init__(self, spec, opts, writer, err=sys.stderr):
+        self.spec = spec
+        self.opts = opts
+        self.writer = writer
+        self.err = err
+        self.bpf = None
+        self.lost = 0
+        self.lost_reported = 0
+        self.untracked = 0
+        self.short = 0
+        self.malformed = 0
+        self.events = 0
+        self.batch = []
+        self.callback_error = None
+        self.build_mode = ""
+
+    def say(self, text):
+        self.err.write(f"tcptrace: {text}\n")
+        self.err.flush()
+
+    def verbose(self, text):
+        if self.opts.verbose:
+            self.say(text)
+
+    # -- set-up ---------------------------------------------------------------
+
+    def open(self):
+        t0 = time.monotonic()
+        check_privileges()
+        bcc, where = find_bcc()
+        self.bcc = bcc
+        source = formats_source()
+        self.plan = plan(self.spec, self.opts, source)
+        for tp, why in self.plan.missing:
+            self.verbose(f"{tp.name} unavailable on this kernel ({why}): its columns stay blank")
+        self.ctx = DecodeContext(
+            wide=self.opts.wide,
+            extended=self.opts.extended,
+            symbols=symbols_of(self.plan.formats),
+            btf=self.plan.btf,
+        )
+        self.ctx.owners = self._owner_resolver()
+        self._build(bcc)
+        t1 = time.monotonic()
+        self._fill_filters()
+        self._attach()
+        self._open_buffer()
+        self.verbose(
+            f"bcc {getattr(bcc, '__version__', '?')} from {where}; {self.build_mode} build; "
+            f"{'ring' if self.plan.use_ring else 'perf'} buffer; "
+            f"ready in {time.monotonic() - t0:.3f} s (build {t1 - t0:.3f} s)"
+        )
+
+    def _owner_resolver(self):
+        from .procfs import OwnerResolver
+
+        return OwnerResolver()
+
+    def _build(self, bcc):
+        release = os.uname().release
+        base = btf.cache_dir()
+        try:
+            kdir = headers.ensure(base, release)
+        except OSError:
+            kdir = headers.ensure(os.path.join("/tmp", f"tcptrace-{os.geteuid()}"), release)
+        attempts = [("header-free", kdir)]
+        real = f"/lib/modules/{release}/build"
+        if os.path.isdir(real):
+            attempts.append(("kernel-headers", None))
+        saved = os.environ.get("BCC_KERNEL_SOURCE")
+        last = None
+        try:
+            for mode, path in attempts:
+                if path:
+                    os.environ["BCC_KERNEL_SOURCE"] = path
+                elif saved is None:
+                    os.environ.pop("BCC_KERNEL_SOURCE", None)
+                else:
+                    os.environ["BCC_KERNEL_SOURCE"] = saved
+                try:
+                    self.bpf = bcc.BPF(text=self.plan.text)
+                    self.build_mode = mode
+                    return
+                except Exception as e:
+                    last = e
+                    self.verbose(f"{mode} build failed: {e}")
+        finally:
+            if saved is None:
+                os.environ.pop("BCC_KERNEL_SOURCE", None)
+            else:
+                os.environ["BCC_KERNEL_SOURCE"] = saved
+        raise BuildError(
+            f"the BPF program of `tcptrace {self.spec.name}` failed to compile with bcc "
+            f"{getattr(bcc, '__version__', '?')} ({_first_line(last)}); the compiler's messages are above."
+        )
+
+    def _fill_filters(self):
+        ct = ctypes
+        one = ct.c_uint8(1)
+        for table, values, ctype in (
+            ("filter_lports", self.opts.lports, ct.c_uint16),
+            ("filter_rports", self.opts.rports, ct.c_uint16),
+            ("filter_pids", self.opts.pids, ct.c_uint32),
+        ):
+            if values:
+                m = self.bpf[table]
+                for v in values:
+                    m[ctype(v)] = one
+
+    def _attach(self):
+        for tp in self.spec.tracepoints:
+            if tp.name not in self.plan.formats:
+                continue
+            try:
+                self.bpf.attach_tracepoint(tp=tp.name, fn_name=tp.function)
+            except Exception as e:
+                self.close()
+                raise BuildError(
+                    f"attaching to {tp.name} failed ({_first_line(e)}): the kernel's verifier may have "
+                    "rejected the program (its log is above)."
+                )
+
+    def _open_buffer(self):
+        events = self.bpf["events"]
+        size = self.spec.event.size
+        string_at = ctypes.string_at
+        batch = self.batch
+
+        def on_sample(_ctx_or_cpu, data, length):
+            # Exceptions raised in a ctypes callback would be swallowed: keep
+            # the callback trivial and do the work after the poll returns.
+            if length < size:
+                self.short += 1
+                return 0
+            batch.append(string_at(data, size))
+            return 0
+
+        if self.plan.use_ring:
+            events.open_ring_buffer(on_sample)
+            self._poll = self.bpf.ring_buffer_poll
+        else:
+
+            def on_lost(count):
+                self.lost += count
+
+            events.open_perf_buffer(on_sample, page_cnt=self.opts.buffer_pages or 64, lost_cb=on_lost)
+            self._poll = self.bpf.perf_buffer_poll
+
+    # -- the loop -------------------------------------------------------------
+
+    def read_stats(self):
+        try:
+            table = self.bpf["tcptrace_stats"]
+            lost = table.sum(ctypes.c_int(STAT_LOST_OUTPUT)).value
+            self.untracked = table.sum(ctypes.c_int(STAT_UNTRACKED)).value
+        except Exception:
+            return
+        if self.plan.use_ring:
+            self.lost = lost
+
+    def report_lost(self):
+        if self.lost > self.lost_reported:
+            self.say(f"lost {self.lost - self.lost_reported} events (the output buffer was full; {self.lost} in all)")
+            self.lost_reported = self.lost
+
+    def drain(self):
+        """Decode and write what the last poll collected."""
+        if not self.batch:
+            return False
+        batch = self.batch[:]
+        del self.batch[:]
+        unpack = self.spec.event.struct.unpack
+        decode = self.spec.decode
+        ctx = self.ctx
+        write = self.writer.row
+        rows = []
+        for raw in batch:
+            try:
+                values = unpack(raw)
+                row = decode(values, ctx)
+            except Exception:
+                self.malformed += 1
+                continue
+            if row is not None:
+                rows.append((values[0], row))
+        if not self.plan.use_ring:
+            rows.sort(key=lambda r: r[0])  # perf buffers are per CPU
+        limit = self.opts.max_events
+        for ts, row in rows:
+            write(ts, row)
+            self.events += 1
+            if limit and self.events >= limit:
+                return True
+        return False
+
+    def run(self):
+        """Poll until a signal, --duration or --max-events; returns the exit status."""
+        from .errors import EXIT_LOST_EVENTS, EXIT_OK
+
+        deadline = time.monotonic() + self.opts.duration if self.opts.duration else None
+        next_stats = time.monotonic() + STATS_EVERY_S
+        writer = self.writer
+        with Stopper() as stopper:
+            while not stopper.stop:
+                timeout = POLL_MS
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    timeout = max(1, min(POLL_MS, int(left * 1000)))
+                self._poll(timeout)
+                done = self.drain()
+                writer.flush()
+                now = time.monotonic()
+                if now >= next_stats:
+                    self.read_stats()
+                    self.report_lost()
+                    next_stats = now + STATS_EVERY_S
+                if done:
+                    break
+            if not stopper.stop and not (self.opts.max_events and self.events >= self.opts.max_events):
+                # A last drain after the deadline: events already in the buffer count.
+                self._poll(0)
+                self.drain()
+                writer.flush()
+        self.read_stats()
+        self.report_lost()
+        self.finish_report()
+        return EXIT_LOST_EVENTS if self.lost else EXIT_OK
+
+    def finish_report(self):
+        if self.lost:
+            self.say(f"{self.lost} events lost in all; {self.events} printed")
+        if self.untracked:
+            self.say(f"{self.untracked} sockets were not tracked (a per-socket map was full)")
+        if self.short:
+            self.say(f"{self.short} samples were shorter than the event and not decoded")
+        if self.malformed:
+            self.say(f"{self.malformed} samples could not be decoded")
+
+    def close(self):
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception:
+                pass
+            self.bpf = None
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else exc.__class__.__name__
+
+
+def run(spec, opts, writer, err=sys.stderr):
+    session = Session(spec, opts, writer, err)
+    try:
+        session.open()
+        writer.header()
+        writer.flush()
+        return session.run()
+    finally:
+        session.close()
+
+
+__all__ = ["run", "plan", "RunOptions", "find_bcc", "check_privileges", "TcptraceError"]

@@ -1,0 +1,99 @@
+"""How a tool is declared: its tracepoints, event, columns and examples.
+
+A tool module builds one ToolSpec from these pieces and a pure decode()
+function. Nothing here imports bcc or click.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .layout import Layout
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # JSON key and CSV header
+    header: str  # table header
+    width: int = 0  # table width; 0 for the last column (no padding)
+    spec: str = ""  # format spec for the value in a table: "d", "x", ".3f", ...
+    right: bool = False  # right-aligned in a table
+    truncate: bool = False  # cut to width in a table (bcc's %-10.10s for COMM)
+    wide: int = 0  # width under -w (addresses: 39)
+    wide_only: bool = False  # shown only under -w (the IP column)
+    extended: bool = False  # shown only under -x/--extended
+    json: bool = True  # part of the JSON object (an "-" column such as '->' is not)
+    table: bool = True  # part of the table
+
+
+@dataclass(frozen=True)
+class Tracepoint:
+    """A tracepoint a tool attaches to `on_<name>` and the fields it reads.
+
+    `fields` entries are a field name or a tuple of alternatives (any one is
+    enough: the program adapts with #if on the generated HAS_ macros).
+    """
+
+    name: str  # "sock:inet_sock_set_state"
+    fields: tuple = ()
+    since: str = ""  # the first kernel version that has it with these fields
+    optional: bool = False  # the tool runs without it (a column goes blank)
+
+    @property
+    def event(self):
+        return self.name.split(":", 1)[1]
+
+    @property
+    def function(self):
+        return f"on_{self.event}"
+
+
+@dataclass(frozen=True)
+class Example:
+    command: str
+    what: str
+
+
+@dataclass(frozen=True)
+class Counter:
+    """Per-key counts kept in the kernel (-c/--count): a BPF hash named
+    `counts` whose key struct is `key` and value a u64."""
+
+    key: Layout
+    columns: tuple
+    decode: Callable  # key values tuple, DecodeContext -> row tuple (without COUNT)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    summary: str  # one line for the command list
+    description: str  # the --help text
+    bpf: str  # file under tcptrace/bpf/
+    event: Layout
+    columns: tuple
+    decode: Callable  # event values tuple, DecodeContext -> row tuple or None
+    tracepoints: tuple
+    options: tuple  # names from the shared option vocabulary (cli.OPTIONS)
+    examples: tuple = ()
+    btf: dict = field(default_factory=dict)  # struct name -> members wanted
+    counter: Optional[Counter] = None
+    notes: str = ""  # extra --help text (what needs a kprobe, caveats)
+
+    def table_columns(self, wide=False, extended=False):
+        return [
+            c
+            for c in self.columns
+            if c.table and (wide or not c.wide_only) and (extended or not c.extended)
+        ]
+
+
+@dataclass
+class DecodeContext:
+    """What decode() may consult besides the event: the options, the
+    running kernel's symbol tables and caches that live for the run."""
+
+    wide: bool = False
+    extended: bool = False
+    symbols: dict = field(default_factory=dict)  # "tracepoint.field" -> {value: name}
+    owners: object = None  # an OwnerResolver for sockets opened before tracing
+    btf: dict = field(default_factory=dict)  # "struct.member" -> (offset, size) found

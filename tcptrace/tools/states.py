@@ -1,0 +1,93 @@
+"""tcptrace states: every TCP state change, as bcc's tcpstates shows it."""
+
+from .. import net, tcpstate
+from ..layout import Layout
+from ..spec import Column, DecodeContext, Example, ToolSpec, Tracepoint
+
+DELTA_UNKNOWN = (1 << 64) - 1
+
+EVENT = Layout(
+    [
+        ("ts_ns", "u64"),
+        ("skaddr", "u64"),
+        ("delta_ns", "u64"),
+        ("pid", "u32"),
+        ("oldstate", "s32"),
+        ("newstate", "s32"),
+        ("family", "u16"),
+        ("lport", "u16"),
+        ("rport", "u16"),
+        ("saddr", "u8[16]"),
+        ("daddr", "u8[16]"),
+        ("comm", "char[16]"),
+    ]
+)
+
+COLUMNS = (
+    Column("skaddr", "SKADDR", 16, "x"),
+    Column("pid", "C-PID", 5, "d"),
+    Column("comm", "C-COMM", 10, truncate=True),
+    Column("family", "IP", 2, "d", wide_only=True),
+    Column("laddr", "LADDR", 15, wide=39),
+    Column("lport", "LPORT", 5, "d"),
+    Column("raddr", "RADDR", 15, wide=39),
+    Column("rport", "RPORT", 5, "d"),
+    Column("oldstate", "OLDSTATE", 11),
+    Column("arrow", "->", 2, json=False),
+    Column("newstate", "NEWSTATE", 11),
+    Column("ms", "MS", 0, ".3f"),
+)
+
+
+def decode(ev, ctx: DecodeContext):
+    _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm = ev
+    return (
+        skaddr,
+        pid,
+        net.comm(comm),
+        net.IP_VERSION.get(family, family),
+        net.address(family, saddr),
+        lport,
+        net.address(family, daddr),
+        rport,
+        tcpstate.name(old),
+        "->",
+        tcpstate.name(new),
+        None if delta_ns == DELTA_UNKNOWN else delta_ns / 1e6,
+    )
+
+
+SPEC = ToolSpec(
+    name="states",
+    summary="Trace TCP state changes, with the time spent in each state.",
+    description=(
+        "Trace every TCP state change (sock:inet_sock_set_state), with the time "
+        "spent in the old state in milliseconds. C-PID and C-COMM are the task on "
+        "the CPU when the change happened, as in bcc's tcpstates: many changes "
+        "happen in softirq context, on behalf of no process (see `tcptrace life` "
+        "for the socket's owner). MS is blank (JSON null) when the socket's "
+        "previous change happened before tracing began."
+    ),
+    bpf="states.bpf.c",
+    event=EVENT,
+    columns=COLUMNS,
+    decode=decode,
+    tracepoints=(
+        Tracepoint(
+            "sock:inet_sock_set_state",
+            fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+                    "saddr", "daddr", "saddr_v6", "daddr_v6"),
+            since="4.16",
+        ),
+    ),
+    options=("localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide"),
+    examples=(
+        Example("tcptrace states", "trace all TCP state changes"),
+        Example("tcptrace states -T", "include a time column (HH:MM:SS)"),
+        Example("tcptrace states -t", "include a timestamp column (seconds)"),
+        Example("tcptrace states -L 80,443", "only local ports 80 and 443"),
+        Example("tcptrace states -D 80", "only remote port 80"),
+        Example("tcptrace states -6 -w", "only IPv6, with wide address columns"),
+        Example("tcptrace states -o json | jq .", "one JSON object per state change"),
+    ),
+)
