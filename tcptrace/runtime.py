@@ -278,6 +278,7 @@ class Session:
         self.batch = []
         self.callback_error = None
         self.build_mode = ""
+        self.counting = bool(opts.count and spec.counter)
 
     def say(self, text):
         self.err.write(f"tcptrace: {text}\n")
@@ -309,7 +310,8 @@ class Session:
         t1 = time.monotonic()
         self._fill_filters()
         self._attach()
-        self._open_buffer()
+        if not self.counting:
+            self._open_buffer()
         self.verbose(
             f"bcc {getattr(bcc, '__version__', '?')} from {where}; {self.build_mode} build; "
             f"{'ring' if self.plan.use_ring else 'perf'} buffer; "
@@ -458,10 +460,68 @@ class Session:
                 return True
         return False
 
+    def read_counts(self, clear):
+        """Rows of the in-kernel counts, busiest first, COUNT last."""
+        counter = self.spec.counter
+        table = self.bpf["counts"]
+        if clear:
+            try:
+                items = list(table.items_lookup_and_delete_batch())
+            except Exception:  # kernels before 5.6 have no batch operations
+                items = list(table.items())
+                table.clear()
+        else:
+            items = list(table.items())
+        rows = []
+        for key, value in items:
+            raw = ctypes.string_at(ctypes.addressof(key), ctypes.sizeof(key))
+            try:
+                values = counter.key.struct.unpack(raw[: counter.key.size])
+                row = counter.decode(values, self.ctx)
+            except Exception:
+                self.malformed += 1
+                continue
+            count = value.value if hasattr(value, "value") else int(value)
+            rows.append(tuple(row) + (count,))
+        rows.sort(key=lambda r: r[-1], reverse=True)
+        if self.opts.top:
+            rows = rows[: self.opts.top]
+        return rows
+
+    def print_counts(self, clear):
+        from .spec import Column
+
+        columns = list(self.spec.counter.columns) + [Column("count", "COUNT", 8, "d", right=True)]
+        title = time.strftime("%H:%M:%S") if self.opts.interval else None
+        self.writer.summary(columns, self.read_counts(clear), title=title)
+        self.writer.flush()
+
+    def run_counting(self):
+        from .errors import EXIT_LOST_EVENTS, EXIT_OK
+
+        start = time.monotonic()
+        deadline = start + self.opts.duration if self.opts.duration else None
+        next_print = start + self.opts.interval if self.opts.interval else None
+        with Stopper() as stopper:
+            while not stopper.stop:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                if next_print is not None and now >= next_print:
+                    self.print_counts(clear=True)
+                    next_print += self.opts.interval
+                time.sleep(min(0.1, max(0.001, (deadline or now + 1) - now)))
+            self.read_stats()
+            self.print_counts(clear=bool(self.opts.interval))
+        self.finish_report()
+        return EXIT_LOST_EVENTS if self.lost else EXIT_OK
+
     def run(self):
         """Poll until a signal, --duration or --max-events; returns the exit status."""
         from .errors import EXIT_LOST_EVENTS, EXIT_OK
 
+        if self.counting:
+            return self.run_counting()
         deadline = time.monotonic() + self.opts.duration if self.opts.duration else None
         next_stats = time.monotonic() + STATS_EVERY_S
         writer = self.writer
@@ -483,8 +543,8 @@ class Session:
                     next_stats = now + STATS_EVERY_S
                 if done:
                     break
-            if not stopper.stop and not (self.opts.max_events and self.events >= self.opts.max_events):
-                # A last drain after the deadline: events already in the buffer count.
+            if not (self.opts.max_events and self.events >= self.opts.max_events):
+                # A last drain: events already in the buffer when the run ends count.
                 self._poll(0)
                 self.drain()
                 writer.flush()
@@ -521,8 +581,9 @@ def run(spec, opts, writer, err=sys.stderr):
     session = Session(spec, opts, writer, err)
     try:
         session.open()
-        writer.header()
-        writer.flush()
+        if not session.counting:
+            writer.header()
+            writer.flush()
         return session.run()
     finally:
         session.close()

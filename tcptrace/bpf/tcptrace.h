@@ -147,3 +147,77 @@ static __always_inline u32 current_pid(void)
 {
 	return bpf_get_current_pid_tgid() >> 32;
 }
+
+static __always_inline int is_tcp(u16 protocol)
+{
+	return protocol == IPPROTO_TCP;
+}
+
+/*
+ * Socket owners (TCPTRACE_OWNERS): the process a socket belongs to, for
+ * events that fire in softirq context, where the task on the CPU is unrelated.
+ *
+ * Only transitions that the kernel makes inside a system call of the owning
+ * process are trusted: CLOSE->SYN_SENT (connect), CLOSE->LISTEN (listen),
+ * ->FIN_WAIT1 and ->LAST_ACK (close or shutdown). A child socket of a
+ * listener (LISTEN->SYN_RECV, in softirq) inherits the listener's owner,
+ * looked up by local port. A later process-context transition wins: the
+ * process that closes a socket holds it, even if another created it.
+ */
+#ifdef TCPTRACE_OWNERS
+struct owner {
+	u32 pid;
+	u32 known;
+	char comm[TASK_COMM_LEN];
+};
+
+BPF_HASH(owners, u64, struct owner, TCPTRACE_MAX_SOCKETS);
+BPF_HASH(listen_owners, u16, struct owner, 4096);
+
+static __always_inline void set_owner_current(u64 skaddr, struct owner *o)
+{
+	o->pid = current_pid();
+	o->known = 1;
+	bpf_get_current_comm(o->comm, sizeof(o->comm));
+	if (owners.update(&skaddr, o) != 0)
+		stat_inc(STAT_UNTRACKED);
+}
+
+/* Call for every TCP state change, before reading the owner, and call
+ * forget_owner() once a change to CLOSE has been handled. */
+static __always_inline void track_owner(u64 skaddr, s32 oldstate, s32 newstate, u16 lport)
+{
+	struct owner o = {};
+
+	if (newstate == TCP_SYN_SENT || newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) {
+		set_owner_current(skaddr, &o);
+	} else if (newstate == TCP_LISTEN) {
+		set_owner_current(skaddr, &o);
+		listen_owners.update(&lport, &o);
+	} else if (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV) {
+		struct owner *parent = listen_owners.lookup(&lport);
+		if (parent && owners.update(&skaddr, parent) != 0)
+			stat_inc(STAT_UNTRACKED);
+	} else if (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) {
+		listen_owners.delete(&lport);
+	}
+}
+
+static __always_inline struct owner *owner_of(u64 skaddr)
+{
+	return owners.lookup(&skaddr);
+}
+
+static __always_inline void forget_owner(u64 skaddr)
+{
+	owners.delete(&skaddr);
+}
+#endif /* TCPTRACE_OWNERS */
+
+/*
+ * Count mode (TCPTRACE_COUNT): tools add 1 to `counts` under their key
+ * struct instead of emitting an event; user space reads the map.
+ */
+#ifdef TCPTRACE_COUNT
+#define COUNT_MAP(key_type) BPF_HASH(counts, key_type, u64, 16384)
+#endif

@@ -1,0 +1,50 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+FORMATS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "formats")
+
+
+def must_run():
+    """On this project's CI a privileged test may not skip: a skip there hides
+    exactly the failures these tests exist for."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _bpf_problem():
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        from tcptrace import runtime
+
+        runtime.find_bcc()
+        if runtime.formats_source() is None:
+            return "no tracefs"
+    except Exception as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="session")
+def bpf():
+    """Root, bcc and tracefs: what the privileged tests need."""
+    problem = _bpf_problem()
+    if problem:
+        if must_run():
+            pytest.fail(f"privileged tests must run in CI but cannot: {problem}")
+        pytest.skip(f"privileged test: {problem}")
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "bpf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.privileged)
+
+
+@pytest.fixture
+def formats_dir():
+    return FORMATS

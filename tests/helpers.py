@@ -1,0 +1,121 @@
+"""Running the real tool against real traffic, for the privileged tests."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(ROOT, "tests", "peer.py")
+READY_TIMEOUT = 60
+
+
+def free_port(family=socket.AF_INET, host="127.0.0.1"):
+    """A port nothing listens on now (bound and released)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tcptrace_cmd(*args):
+    return [sys.executable, "-m", "tcptrace", *args]
+
+
+class Tracer:
+    """tcptrace in a subprocess: started, awaited until attached, stopped
+    with a signal, its stdout and stderr kept."""
+
+    def __init__(self, *args, env=None):
+        self.args = list(args)
+        self.env = dict(os.environ, **(env or {}))
+        self.stderr_lines = []
+        self.stdout = ""
+        self.returncode = None
+        self._ready = threading.Event()
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(
+            tcptrace_cmd(*self.args, "--verbose"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=ROOT,
+        )
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(READY_TIMEOUT) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError(f"tcptrace did not attach: {self.stderr}")
+        return self
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+            if "ready in" in line:
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def stderr(self):
+        return "".join(self.stderr_lines)
+
+    def stop(self, sig=signal.SIGINT, settle=0.3):
+        if self.returncode is not None:
+            return self.returncode
+        time.sleep(settle)  # let the last events reach the buffer
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.stdout, _ = self.proc.communicate(timeout=30)
+        self._reader.join(5)
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def wait(self, timeout=60):
+        self.stdout, _ = self.proc.communicate(timeout=timeout)
+        self._reader.join(5)
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def __exit__(self, *exc):
+        if self.returncode is None:
+            self.stop(settle=0)
+        return False
+
+    def json_rows(self):
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+class Peer:
+    """A client or server endpoint in its own process (tests/peer.py)."""
+
+    def __init__(self, role, host, port, *extra):
+        self.proc = subprocess.Popen(
+            [sys.executable, PEER, role, host, str(port), *map(str, extra)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        if role == "server":
+            line = self.proc.stdout.readline()
+            if "listening" not in line:
+                self.proc.kill()
+                raise AssertionError(f"server did not start: {self.proc.stderr.read()}")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait(self, timeout=30):
+        _out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return self.proc.returncode
+
+
+def session(host, server_port, client_port, client_send=0, server_send=0, client_closes=True):
+    """One TCP session between two processes; returns (server, client)."""
+    server = Peer("server", host, server_port, "--send", server_send, "--recv", client_send,
+                  *(() if client_closes else ("--close-first",)))
+    client = Peer("client", host, server_port, "--bind-port", client_port, "--send", client_send,
+                  "--recv", server_send, *(("--close-first",) if client_closes else ()))
+    client.wait()
+    server.wait()
+    return server, client
