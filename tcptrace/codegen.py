@@ -65,7 +65,7 @@ def _members(fmt):
         if field.offset % align:
             ctype, count = "__u8", field.size
         if field.offset > offset:
-            out.append((f"__pad{field.offset}", "__u8", field.offset - offset))
+            out.append((f"__pad{offset}", "__u8", field.offset - offset))
         out.append((field.name, ctype, count))
         offset = field.offset + field.size
     return out

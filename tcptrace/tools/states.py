@@ -24,7 +24,7 @@ EVENT = Layout(
 )
 
 COLUMNS = (
-    Column("skaddr", "SKADDR", 16, "x"),
+    Column("skaddr", "SKADDR", 16),  # hex text: JSON numbers past 2**53 lose digits
     Column("pid", "C-PID", 5, "d"),
     Column("comm", "C-COMM", 10, truncate=True),
     Column("family", "IP", 2, "d", wide_only=True),
@@ -42,7 +42,7 @@ COLUMNS = (
 def decode(ev, ctx: DecodeContext):
     _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm = ev
     return (
-        skaddr,
+        f"{skaddr:x}",
         pid,
         net.comm(comm),
         net.IP_VERSION.get(family, family),
