@@ -7,7 +7,7 @@ ARGS ?=
 # Packages from the distribution: bcc's Python module (never from PyPI), and
 # for the tests nftables (induced packet loss) and iproute2 (namespaces).
 RUN_PACKAGES = python3-bpfcc
-TEST_PACKAGES = $(RUN_PACKAGES) nftables iproute2 procps util-linux
+TEST_PACKAGES = $(RUN_PACKAGES) nftables iproute2 procps util-linux bpftool
 
 .PHONY: run test test-unit bench soak deps test-deps venv clean
 

@@ -186,6 +186,9 @@ def make_command(spec):
             status = EXIT_OK
         except KeyboardInterrupt:
             status = EXIT_OK
+        except OSError as e:  # stdout on a full disk or a terminal that went away
+            _quiet_stdout()
+            _fail(TcptraceError(f"stopped: cannot write the output ({e.strerror or e})."))
         sys.exit(status)
 
     help_text = spec.description + ("\n\n" + spec.notes if spec.notes else "")

@@ -1,0 +1,143 @@
+"""Faults a user meets, produced for real: an unprivileged user, bcc
+hidden from the process, tracefs out of reach, a tracepoint the kernel
+lacks, signals, closed pipes. Each ends in one sentence and its own exit
+status, with nothing left attached in the kernel."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, Tracer, free_port, session, tcptrace_cmd
+from tcptrace import errors
+
+PY = sys.executable
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, **kw)
+
+
+def one_sentence(stderr):
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert lines and "Traceback" not in stderr, stderr
+    return lines[-1]
+
+
+def test_unprivileged_user(bpf):
+    result = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                  *tcptrace_cmd("states")])
+    assert result.returncode == errors.EXIT_PRIVILEGE, result.stderr
+    assert "root" in one_sentence(result.stderr) and "CAP_BPF" in result.stderr
+
+
+def test_bcc_missing(bpf):
+    """bcc hidden by an empty tmpfs over its directory in a private mount namespace."""
+    import bcc  # noqa: F401 -- the runtime already put it on sys.path for the fixture
+
+    bcc_dir = os.path.dirname(sys.modules["bcc"].__file__)
+    script = f"mount -t tmpfs none {bcc_dir} && exec {' '.join(tcptrace_cmd('states'))}"
+    result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    assert result.returncode == errors.EXIT_NO_BCC, result.stderr
+    assert "python3-bpfcc" in one_sentence(result.stderr)
+
+
+def test_tracefs_unmountable(bpf):
+    """No tracefs and a user with CAP_BPF+CAP_PERFMON but not root: it cannot mount it."""
+    script = (
+        "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; "
+        "umount -l /sys/kernel/debug 2>/dev/null; "
+        f"exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=+bpf,+perfmon "
+        f"--ambient-caps=+bpf,+perfmon {' '.join(tcptrace_cmd('states'))}"
+    )
+    result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    assert result.returncode == errors.EXIT_NO_TRACEFS, result.stderr
+    assert "tracefs" in one_sentence(result.stderr)
+
+
+def test_tracefs_mounted_when_missing(bpf):
+    """As root, a missing tracefs is mounted (in a private mount namespace here)."""
+    script = (
+        "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; "
+        f"exec {' '.join(tcptrace_cmd('states', '--duration', '0.2', '--verbose'))}"
+    )
+    result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    assert result.returncode == 0, result.stderr
+    assert "ready in" in result.stderr
+
+
+def test_missing_tracepoint(bpf):
+    result = run(tcptrace_cmd("states"), env=dict(os.environ, TCPTRACE_HIDE_TRACEPOINTS="sock:inet_sock_set_state"))
+    assert result.returncode == errors.EXIT_KERNEL_TOO_OLD
+    assert "sock:inet_sock_set_state" in one_sentence(result.stderr) and "4.16" in result.stderr
+
+
+def bpf_programs():
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")
+
+
+def programs_of(pid):
+    """IDs of the BPF programs a process holds, from its fds' fdinfo."""
+    ids = set()
+    fdinfo = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(fdinfo):
+        try:
+            with open(os.path.join(fdinfo, fd)) as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_end_cleanly_and_detach(bpf, sig):
+    with Tracer("states", "-o", "json") as t:
+        ids = programs_of(t.proc.pid)
+        assert ids, "the tracer's programs are visible while it runs"
+        assert ids <= {p["id"] for p in bpf_programs()}
+        assert t.stop(sig=sig) == 0
+    assert "Traceback" not in t.stderr
+    remaining = {p["id"] for p in bpf_programs()}
+    assert not ids & remaining, "programs stayed loaded after exit"
+
+
+def test_closed_pipe_true(bpf):
+    """`tcptrace states | true`: the reader is gone before the first row."""
+    cport = free_port()
+    proc = subprocess.Popen(" ".join(tcptrace_cmd("states", "-L", str(cport), "--duration", "15"))
+                            + " | true; echo status=${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    session("127.0.0.1", free_port(), cport)
+    out, err = proc.communicate(timeout=30)
+    assert "status=0" in out and "Traceback" not in err
+
+
+def test_two_tracers_see_every_event(bpf):
+    sport, cport = free_port(), free_port()
+    with Tracer("states", "-o", "json", "-L", str(cport)) as a, Tracer("states", "-o", "json", "-L", str(cport)) as b:
+        for _ in range(5):
+            session("127.0.0.1", sport, cport)
+        a.stop()
+        b.stop()
+    assert len(a.json_rows()) == len(b.json_rows()) == 25
+
+
+def test_full_disk_stdout(bpf):
+    """stdout on a full device (/dev/full): a clear failure, no traceback."""
+    cport = free_port()
+    with open("/dev/full", "w") as full:
+        proc = subprocess.Popen(tcptrace_cmd("states", "-L", str(cport), "--duration", "10"), cwd=ROOT,
+                                stdout=full, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        session("127.0.0.1", free_port(), cport)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == errors.EXIT_FAILURE, err
+    assert "Traceback" not in err and "cannot write the output (No space left on device)" in err
