@@ -272,10 +272,8 @@ class Session:
         self.lost = 0
         self.lost_reported = 0
         self.untracked = 0
-        self.short = 0
-        self.malformed = 0
-        self.events = 0
-        self.batch = []
+        self.malformed = 0  # count keys decode() could not make sense of
+        self.stream = None
         self.callback_error = None
         self.build_mode = ""
         self.counting = bool(opts.count and spec.counter)
@@ -388,18 +386,18 @@ class Session:
                 )
 
     def _open_buffer(self):
+        from .stream import EventStream
+
+        self.stream = EventStream(
+            self.spec, self.ctx, self.writer.row, self.opts.max_events, ordered=self.plan.use_ring
+        )
         events = self.bpf["events"]
         size = self.spec.event.size
         string_at = ctypes.string_at
-        batch = self.batch
+        add = self.stream.add
 
         def on_sample(_ctx_or_cpu, data, length):
-            # Exceptions raised in a ctypes callback would be swallowed: keep
-            # the callback trivial and do the work after the poll returns.
-            if length < size:
-                self.short += 1
-                return 0
-            batch.append(string_at(data, size))
+            add(string_at(data, length if length < size else size))
             return 0
 
         if self.plan.use_ring:
@@ -429,36 +427,6 @@ class Session:
         if self.lost > self.lost_reported:
             self.say(f"lost {self.lost - self.lost_reported} events (the output buffer was full; {self.lost} in all)")
             self.lost_reported = self.lost
-
-    def drain(self):
-        """Decode and write what the last poll collected."""
-        if not self.batch:
-            return False
-        batch = self.batch[:]
-        del self.batch[:]
-        unpack = self.spec.event.struct.unpack
-        decode = self.spec.decode
-        ctx = self.ctx
-        write = self.writer.row
-        rows = []
-        for raw in batch:
-            try:
-                values = unpack(raw)
-                row = decode(values, ctx)
-            except Exception:
-                self.malformed += 1
-                continue
-            if row is not None:
-                rows.append((values[0], row))
-        if not self.plan.use_ring:
-            rows.sort(key=lambda r: r[0])  # perf buffers are per CPU
-        limit = self.opts.max_events
-        for ts, row in rows:
-            write(ts, row)
-            self.events += 1
-            if limit and self.events >= limit:
-                return True
-        return False
 
     def read_counts(self, clear):
         """Rows of the in-kernel counts, busiest first, COUNT last."""
@@ -534,7 +502,7 @@ class Session:
                         break
                     timeout = max(1, min(POLL_MS, int(left * 1000)))
                 self._poll(timeout)
-                done = self.drain()
+                done = self.stream.drain()
                 writer.flush()
                 now = time.monotonic()
                 if now >= next_stats:
@@ -543,10 +511,10 @@ class Session:
                     next_stats = now + STATS_EVERY_S
                 if done:
                     break
-            if not (self.opts.max_events and self.events >= self.opts.max_events):
+            if not self.stream.done:
                 # A last drain: events already in the buffer when the run ends count.
                 self._poll(0)
-                self.drain()
+                self.stream.drain()
                 writer.flush()
         self.read_stats()
         self.report_lost()
@@ -554,14 +522,17 @@ class Session:
         return EXIT_LOST_EVENTS if self.lost else EXIT_OK
 
     def finish_report(self):
+        stream = self.stream
         if self.lost:
-            self.say(f"{self.lost} events lost in all; {self.events} printed")
+            printed = f"; {stream.rows} printed" if stream else ""
+            self.say(f"{self.lost} events lost in all{printed}")
         if self.untracked:
             self.say(f"{self.untracked} sockets were not tracked (a per-socket map was full)")
-        if self.short:
-            self.say(f"{self.short} samples were shorter than the event and not decoded")
-        if self.malformed:
-            self.say(f"{self.malformed} samples could not be decoded")
+        if stream and stream.short:
+            self.say(f"{stream.short} samples were shorter than the event and not decoded")
+        malformed = self.malformed + (stream.malformed if stream else 0)
+        if malformed:
+            self.say(f"{malformed} samples could not be decoded")
 
     def close(self):
         if self.bpf is not None:
