@@ -39,6 +39,9 @@ COLUMNS = (
 )
 
 
+_STATE = tcpstate.NAMES
+
+
 def decode(ev, ctx: DecodeContext):
     _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm = ev
     return (
@@ -50,9 +53,9 @@ def decode(ev, ctx: DecodeContext):
         lport,
         net.address(family, daddr),
         rport,
-        tcpstate.name(old),
+        _STATE.get(old) or str(old),
         "->",
-        tcpstate.name(new),
+        _STATE.get(new) or str(new),
         None if delta_ns == DELTA_UNKNOWN else delta_ns / 1e6,
     )
 
