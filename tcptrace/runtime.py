@@ -260,6 +260,49 @@ class Stopper:
         return False
 
 
+def build_attempts(release):
+    """How a program is built, in the order tried: (mode, BCC_KERNEL_SOURCE
+    or None for bcc's own search)."""
+    try:
+        kdir = headers.ensure(btf.cache_dir(), release)
+    except OSError:
+        kdir = headers.ensure(os.path.join("/tmp", f"tcptrace-{os.geteuid()}"), release)
+    attempts = [("header-free", kdir)]
+    # Real headers help only when they are the running kernel's own.
+    if release == os.uname().release and os.path.isdir(f"/lib/modules/{release}/build"):
+        attempts.append(("kernel-headers", None))
+    return attempts
+
+
+def build_program(bcc, text, release, what="the program", say=None):
+    """Compile with bcc, header-free first; returns (the BPF object, mode)."""
+    saved = os.environ.get("BCC_KERNEL_SOURCE")
+    last = None
+    try:
+        for mode, path in build_attempts(release):
+            if path:
+                os.environ["BCC_KERNEL_SOURCE"] = path
+            elif saved is None:
+                os.environ.pop("BCC_KERNEL_SOURCE", None)
+            else:
+                os.environ["BCC_KERNEL_SOURCE"] = saved
+            try:
+                return bcc.BPF(text=text), mode
+            except Exception as e:
+                last = e
+                if say:
+                    say(f"{mode} build failed: {e}")
+    finally:
+        if saved is None:
+            os.environ.pop("BCC_KERNEL_SOURCE", None)
+        else:
+            os.environ["BCC_KERNEL_SOURCE"] = saved
+    raise BuildError(
+        f"the BPF program of {what} failed to compile with bcc "
+        f"{getattr(bcc, '__version__', '?')} ({_first_line(last)}); the compiler's messages are above."
+    )
+
+
 class Session:
     """One loaded program: build, attach, poll, detach."""
 
@@ -322,41 +365,8 @@ class Session:
         return OwnerResolver()
 
     def _build(self, bcc):
-        release = os.uname().release
-        base = btf.cache_dir()
-        try:
-            kdir = headers.ensure(base, release)
-        except OSError:
-            kdir = headers.ensure(os.path.join("/tmp", f"tcptrace-{os.geteuid()}"), release)
-        attempts = [("header-free", kdir)]
-        real = f"/lib/modules/{release}/build"
-        if os.path.isdir(real):
-            attempts.append(("kernel-headers", None))
-        saved = os.environ.get("BCC_KERNEL_SOURCE")
-        last = None
-        try:
-            for mode, path in attempts:
-                if path:
-                    os.environ["BCC_KERNEL_SOURCE"] = path
-                elif saved is None:
-                    os.environ.pop("BCC_KERNEL_SOURCE", None)
-                else:
-                    os.environ["BCC_KERNEL_SOURCE"] = saved
-                try:
-                    self.bpf = bcc.BPF(text=self.plan.text)
-                    self.build_mode = mode
-                    return
-                except Exception as e:
-                    last = e
-                    self.verbose(f"{mode} build failed: {e}")
-        finally:
-            if saved is None:
-                os.environ.pop("BCC_KERNEL_SOURCE", None)
-            else:
-                os.environ["BCC_KERNEL_SOURCE"] = saved
-        raise BuildError(
-            f"the BPF program of `tcptrace {self.spec.name}` failed to compile with bcc "
-            f"{getattr(bcc, '__version__', '?')} ({_first_line(last)}); the compiler's messages are above."
+        self.bpf, self.build_mode = build_program(
+            bcc, self.plan.text, os.uname().release, f"`tcptrace {self.spec.name}`", self.verbose
         )
 
     def _fill_filters(self):
@@ -404,11 +414,9 @@ class Session:
             events.open_ring_buffer(on_sample)
             self._poll = self.bpf.ring_buffer_poll
         else:
-
-            def on_lost(count):
-                self.lost += count
-
-            events.open_perf_buffer(on_sample, page_cnt=self.opts.buffer_pages or 64, lost_cb=on_lost)
+            # Losses are counted by the program itself (tcptrace_stats); the
+            # perf buffer's own count would add the same drops again, later.
+            events.open_perf_buffer(on_sample, page_cnt=self.opts.buffer_pages or 64, lost_cb=lambda count: None)
             self._poll = self.bpf.perf_buffer_poll
 
     # -- the loop -------------------------------------------------------------
@@ -420,8 +428,7 @@ class Session:
             self.untracked = table.sum(ctypes.c_int(STAT_UNTRACKED)).value
         except Exception:
             return
-        if self.plan.use_ring:
-            self.lost = lost
+        self.lost = lost
 
     def report_lost(self):
         if self.lost > self.lost_reported:

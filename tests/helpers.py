@@ -42,8 +42,11 @@ class Tracer:
             tcptrace_cmd(*self.args, "--verbose"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=ROOT,
         )
+        self._stdout_chunks = []
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
+        self._out_reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._out_reader.start()
         if not self._ready.wait(READY_TIMEOUT) or self.proc.poll() is not None:
             self.stop()
             raise AssertionError(f"tcptrace did not attach: {self.stderr}")
@@ -56,6 +59,18 @@ class Tracer:
                 self._ready.set()
         self._ready.set()
 
+    def _read_stdout(self):
+        for chunk in iter(lambda: self.proc.stdout.read(65536), ""):
+            self._stdout_chunks.append(chunk)
+
+    def _collect(self, timeout):
+        self.proc.wait(timeout=timeout)
+        self._out_reader.join(10)
+        self._reader.join(10)
+        self.stdout = "".join(self._stdout_chunks)
+        self.returncode = self.proc.returncode
+        return self.returncode
+
     @property
     def stderr(self):
         return "".join(self.stderr_lines)
@@ -66,16 +81,10 @@ class Tracer:
         time.sleep(settle)  # let the last events reach the buffer
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        self.stdout, _ = self.proc.communicate(timeout=30)
-        self._reader.join(5)
-        self.returncode = self.proc.returncode
-        return self.returncode
+        return self._collect(30)
 
     def wait(self, timeout=60):
-        self.stdout, _ = self.proc.communicate(timeout=timeout)
-        self._reader.join(5)
-        self.returncode = self.proc.returncode
-        return self.returncode
+        return self._collect(timeout)
 
     def __exit__(self, *exc):
         if self.returncode is None:

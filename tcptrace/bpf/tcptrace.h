@@ -8,9 +8,9 @@
  *
  * Output goes to one stream named `events`: a BPF ring buffer when
  * TCPTRACE_RINGBUF is set (kernel 5.8+, one ordered stream for all CPUs),
- * else a per-CPU perf buffer. A full ring buffer drops silently, so every
- * failed submission is counted here in tcptrace_stats; the perf buffer
- * reports its own losses to user space.
+ * else a per-CPU perf buffer. Every failed submission is counted here in
+ * tcptrace_stats, for both kinds: a full ring buffer drops silently, and a
+ * perf buffer tells user space only when a later event gets through.
  */
 
 #ifndef __always_inline
@@ -69,8 +69,10 @@ static __always_inline void emit(void *ctx, void *event, u32 size)
 	if (events.ringbuf_output(event, size, 0) != 0)
 		stat_inc(STAT_LOST_OUTPUT);
 #else
-	/* The perf buffer counts what it drops and tells user space. */
-	events.perf_submit(ctx, event, size);
+	/* The perf buffer reports a drop only when a later event gets
+	 * through: counting here also counts drops at the end of a run. */
+	if (events.perf_submit(ctx, event, size) != 0)
+		stat_inc(STAT_LOST_OUTPUT);
 #endif
 }
 
