@@ -146,3 +146,20 @@ def test_both_buffers(bpf, buffer):
         assert t.stop() == 0
     assert f"{buffer} buffer" in t.stderr
     assert [f"{r['oldstate']}>{r['newstate']}" for r in t.json_rows()] == CLIENT_FIRST["client"]
+
+
+def test_rows_reach_a_pipe_while_running(bpf):
+    """Piped output is flushed per poll batch, not when the buffer fills or
+    the tool exits: a reader sees a row while the tracer keeps running."""
+    import time
+
+    sport, cport = free_port(), free_port()
+    with Tracer("states", "-o", "csv", "-L", str(cport)) as t:
+        session("127.0.0.1", sport, cport)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "".join(t._stdout_chunks).count("\n") < 6:
+            time.sleep(0.05)
+        seen_while_running = "".join(t._stdout_chunks).count("\n")
+        assert t.proc.poll() is None
+        t.stop()
+    assert seen_while_running == 6
