@@ -60,14 +60,21 @@ class Tracer:
         self._ready.set()
 
     def _read_stdout(self):
-        for chunk in iter(lambda: self.proc.stdout.read(65536), ""):
+        # os.read returns what the pipe has now; a text-mode read(n) would
+        # wait for n characters and hide when rows really arrive.
+        fd = self.proc.stdout.fileno()
+        for chunk in iter(lambda: os.read(fd, 65536), b""):
             self._stdout_chunks.append(chunk)
+
+    @property
+    def stdout_so_far(self):
+        return b"".join(self._stdout_chunks).decode(errors="replace")
 
     def _collect(self, timeout):
         self.proc.wait(timeout=timeout)
         self._out_reader.join(10)
         self._reader.join(10)
-        self.stdout = "".join(self._stdout_chunks)
+        self.stdout = b"".join(self._stdout_chunks).decode()
         self.returncode = self.proc.returncode
         return self.returncode
 

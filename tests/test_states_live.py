@@ -157,9 +157,9 @@ def test_rows_reach_a_pipe_while_running(bpf):
     with Tracer("states", "-o", "csv", "-L", str(cport)) as t:
         session("127.0.0.1", sport, cport)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "".join(t._stdout_chunks).count("\n") < 6:
+        while time.monotonic() < deadline and t.stdout_so_far.count("\n") < 6:
             time.sleep(0.05)
-        seen_while_running = "".join(t._stdout_chunks).count("\n")
+        seen_while_running = t.stdout_so_far.count("\n")
         assert t.proc.poll() is None
         t.stop()
     assert seen_while_running == 6
