@@ -56,7 +56,18 @@ def _pages(ctx, param, value):
     return value
 
 
-POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True, max=10**7)
+class _Seconds(click.FloatRange):
+    """A positive number of seconds; FloatRange alone lets "nan" through,
+    which no comparison ever stops."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return value
+
+
+POSITIVE_FLOAT = _Seconds(min=0, min_open=True, max=10**7)
 
 # The shared vocabulary: bcc's letters where bcc's users know them, long
 # names for the rest. A tool lists the names it takes in its spec.
@@ -124,7 +135,7 @@ def _options(kwargs, spec):
     return RunOptions(
         output=kwargs["output"],
         wide=kwargs.get("wide", False),
-        time=kwargs.get("show_time", False),
+        time=kwargs.get("show_time", False) or spec.always_time,
         timestamp=kwargs.get("timestamp", False),
         extended=kwargs.get("extended", False),
         family=family,
@@ -232,3 +243,12 @@ def main():
         click.echo(f"tcptrace: internal error: {e.__class__.__name__}: {e} (set TCPTRACE_DEBUG=1 for details)",
                    err=True)
         sys.exit(EXIT_FAILURE)
+
+
+def _add_doctor():
+    from .doctor import command
+
+    cli.add_command(command)
+
+
+_add_doctor()

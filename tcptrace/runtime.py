@@ -287,7 +287,7 @@ def build_program(bcc, text, release, what="the program", say=None):
             else:
                 os.environ["BCC_KERNEL_SOURCE"] = saved
             try:
-                return bcc.BPF(text=text), mode
+                return bcc.BPF(text=text.encode()), mode
             except Exception as e:
                 last = e
                 if say:
@@ -351,6 +351,7 @@ class Session:
         t1 = time.monotonic()
         self._fill_filters()
         self._attach()
+        self._seed_listeners()
         if not self.counting:
             self._open_buffer()
         self.verbose(
@@ -358,6 +359,26 @@ class Session:
             f"{'ring' if self.plan.use_ring else 'perf'} buffer; "
             f"ready in {time.monotonic() - t0:.3f} s (build {t1 - t0:.3f} s)"
         )
+
+    def _seed_listeners(self):
+        """Owners of listeners opened before tracing, from /proc, for programs
+        with owner tracking: the connections they accept then inherit one."""
+        try:
+            table = self.bpf["listen_owners"]
+        except KeyError:
+            return
+        from .procfs import listener_owners
+
+        for port, (pid, comm) in listener_owners().items():
+            key = table.Key(port)
+            if key in table:  # learned since attaching: the kernel knows better
+                continue
+            leaf = table.Leaf()
+            leaf.pid, leaf.known, leaf.comm = pid, 1, comm.encode()[:15]
+            try:
+                table[key] = leaf
+            except Exception:  # the map is full: those owners stay unknown
+                break
 
     def _owner_resolver(self):
         from .procfs import OwnerResolver

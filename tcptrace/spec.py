@@ -23,6 +23,11 @@ class Column:
     extended: bool = False  # shown only under -x/--extended
     json: bool = True  # part of the JSON object (an "-" column such as '->' is not)
     table: bool = True  # part of the table
+    # What the column needs beyond the tool's required tracepoints, so
+    # `tcptrace doctor` can say which columns go blank on a kernel:
+    # "cat:event" (an optional tracepoint), "cat:event.field" (a field of
+    # one) or "struct.member" (a BTF struct member).
+    requires: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class ToolSpec:
     btf: dict = field(default_factory=dict)  # struct name -> members wanted
     counter: Optional[Counter] = None
     notes: str = ""  # extra --help text (what needs a kprobe, caveats)
+    always_time: bool = False  # a TIME column without -T (bcc's tcpretrans always has one)
 
     def table_columns(self, wide=False, extended=False):
         return [
