@@ -96,3 +96,30 @@ class OwnerResolver:
             owner = None
         self.cache[key] = owner
         return owner
+
+
+def listener_owners(proc="/proc"):
+    """{local port: (pid, comm)} of the TCP listeners now open, IPv4 and IPv6.
+
+    What the programs' per-port listener owners would hold had these
+    listeners been opened while tracing: seeded at start, they let the
+    connections such a listener accepts inherit an owner in the kernel.
+    """
+    inodes = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(os.path.join(proc, "net", name)) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10 or parts[3] != "0A":  # TCP_LISTEN
+                        continue
+                    inode = int(parts[9])
+                    if inode:
+                        inodes.setdefault(int(parts[1].rsplit(":", 1)[1], 16), inode)
+        except (OSError, ValueError):
+            continue
+    if not inodes:
+        return {}
+    owners = inode_owners(proc)
+    return {port: owners[inode] for port, inode in inodes.items() if inode in owners}
