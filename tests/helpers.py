@@ -126,12 +126,17 @@ class Peer:
         return self.proc.returncode
 
 
-def session(host, server_port, client_port, client_send=0, server_send=0, client_closes=True):
-    """One TCP session between two processes; returns (server, client)."""
+def session(host, server_port, client_port, client_send=0, server_send=0, client_closes=True,
+            half_close=False):
+    """One TCP session between two processes; returns (server, client).
+
+    With half_close the side that closes first shuts down, reads to EOF and
+    only then closes (see peer.py)."""
+    first = ("--close-first", "--half-close") if half_close else ("--close-first",)
     server = Peer("server", host, server_port, "--send", server_send, "--recv", client_send,
-                  *(() if client_closes else ("--close-first",)))
+                  *(() if client_closes else first))
     client = Peer("client", host, server_port, "--bind-port", client_port, "--send", client_send,
-                  "--recv", server_send, *(("--close-first",) if client_closes else ()))
+                  "--recv", server_send, *(first if client_closes else ()))
     client.wait()
     server.wait()
     return server, client

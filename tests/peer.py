@@ -1,8 +1,8 @@
 """One TCP endpoint for the privileged tests, run as its own process so
 that client and server have their own PIDs and names.
 
-    peer.py server HOST PORT --send N --recv M [--close-first]
-    peer.py client HOST PORT --bind-port C --send N --recv M [--close-first]
+    peer.py server HOST PORT --send N --recv M [--close-first [--half-close]]
+    peer.py client HOST PORT --bind-port C --send N --recv M [--close-first [--half-close]]
 
 The server prints "listening" once it listens. Each side sends --send
 bytes, reads --recv bytes, then closes first (--close-first) or waits for the
@@ -32,7 +32,15 @@ def exchange(sock, args):
     else:
         recv_exactly(sock, args.recv)
         sock.sendall(b"s" * args.send)
-    if args.close_first:
+    if args.close_first and args.half_close:
+        # The socket stays ours until the peer's FIN: a socket closed at once
+        # becomes a TIME_WAIT mini-socket when its FIN is acknowledged, and
+        # the peer's FIN may then miss its counters.
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+        sock.close()
+    elif args.close_first:
         sock.close()
     else:
         while sock.recv(65536):
@@ -49,6 +57,7 @@ def main():
     p.add_argument("--send", type=int, default=0)
     p.add_argument("--recv", type=int, default=0)
     p.add_argument("--close-first", action="store_true")
+    p.add_argument("--half-close", action="store_true", help="with --close-first: shutdown, read to EOF, close")
     p.add_argument("--timeout", type=float, default=20)
     args = p.parse_args()
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -37,9 +37,9 @@ def test_unprivileged_user(bpf):
 
 def test_bcc_missing(bpf):
     """bcc hidden by an empty tmpfs over its directory in a private mount namespace."""
-    import bcc  # noqa: F401 -- the runtime already put it on sys.path for the fixture
+    from tcptrace import runtime
 
-    bcc_dir = os.path.dirname(sys.modules["bcc"].__file__)
+    _module, bcc_dir = runtime.find_bcc()
     script = f"mount -t tmpfs none {bcc_dir} && exec {' '.join(tcptrace_cmd('states'))}"
     result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     assert result.returncode == errors.EXIT_NO_BCC, result.stderr

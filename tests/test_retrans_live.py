@@ -20,8 +20,7 @@ import pytest
 import helpers
 from helpers import PEER, Tracer
 from netns import RECEIVER_ADDR, SENDER_ADDR, LinkPair
-from tcptrace import runtime, tracefs
-from tcptrace.tools import retrans
+from tcptrace import runtime
 
 SIZE = 3_000_000  # bytes: at 20% loss, a few dozen retransmit events
 V6 = ("2001:db8:18::1", "2001:db8:18::2")  # documentation prefix, only inside the namespaces
@@ -297,7 +296,7 @@ def test_connection_opened_before_tracing(bpf, monkeypatch):
         pin_client_port(link, cport)
         # The handshake passes, the data never does: the client keeps sending it again.
         link.drop_input(link.receiver, f"ip saddr {SENDER_ADDR} tcp dport {sport} ip length > 200")
-        server = procs.peer(link.receiver, "server", RECEIVER_ADDR, sport, "--recv", 100_000)
+        procs.peer(link.receiver, "server", RECEIVER_ADDR, sport, "--recv", 100_000)
         client = procs.peer(link.sender, "client", RECEIVER_ADDR, sport, "--send", 100_000)
         wait_for(lambda: link.retrans_segs(link.sender) > 0, "the client to retransmit")
         in_namespace(monkeypatch, link.sender)
@@ -375,28 +374,3 @@ def test_records_without_family_state_or_err(bpf, ip, monkeypatch, tmp_path):
     assert without_time(old.json_rows()) == [dict(r, state=None, err=None) for r in rows]
     assert {count_key(c): c["count"] for c in old_counts.json_rows()} == collections.Counter(
         count_key(r) for r in rows)
-
-
-KERNELS = ("4.19", "5.4", "5.10", "5.15", "6.1", "6.8", "6.18")
-VARIANTS = {
-    "events": runtime.RunOptions(),
-    "filtered": runtime.RunOptions(family=10, pids=(1,), lports=(443,), rports=(8443,)),
-    "count": runtime.RunOptions(count=True, pids=(1,), lports=(443,)),
-    "perf": runtime.RunOptions(buffer="perf"),
-}
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_every_kernels_variant_passes_the_verifier(bpf, kernel, variant):
-    """The program each saved kernel's formats give, loaded into this
-    kernel: the verifier accepts every path the HAS_ macros can pick."""
-    bcc, _where = runtime.find_bcc()
-    source = tracefs.FormatSource(os.path.join(os.path.dirname(__file__), "data", "formats", kernel))
-    plan = runtime.plan(retrans.SPEC, VARIANTS[variant], source, release=kernel)
-    program, _mode = runtime.build_program(bcc, plan.text, os.uname().release, f"retrans for {kernel}")
-    try:
-        for tp in retrans.SPEC.tracepoints:
-            program.load_func(tp.function.encode(), bcc.BPF.TRACEPOINT)
-    finally:
-        program.cleanup()

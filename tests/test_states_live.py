@@ -134,7 +134,7 @@ def test_duration_and_max_events(bpf):
         session("127.0.0.1", sport, cport)
         assert t.wait() == 0
     assert len(t.json_rows()) == 2
-    with Tracer("states", "--duration", "0.5") as t:
+    with Tracer("states", "--duration", "0.5", "-L", str(cport)) as t:
         assert t.wait(timeout=20) == 0
 
 

@@ -1,5 +1,6 @@
 """The registry of tools: one line per subcommand."""
 
-from . import states
+from . import accept, connect, life, resets, retrans, states
 
-TOOLS = {spec.name: spec for spec in (states.SPEC,)}
+TOOLS = {spec.name: spec for spec in (states.SPEC, life.SPEC, resets.SPEC, retrans.SPEC, connect.SPEC,
+                                      accept.SPEC)}

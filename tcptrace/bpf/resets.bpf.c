@@ -1,0 +1,266 @@
+/*
+ * resets.bpf.c: every TCP reset sent or received, with the socket's owner,
+ * its state and, where the kernel gives it, why the reset was sent.
+ *
+ * Tracepoints: tcp:tcp_send_reset and tcp:tcp_receive_reset (Linux 4.16+),
+ * and sock:inet_sock_set_state, which tells whose socket it is (connect and
+ * listen happen in the owner's context; resets fire in softirq, where the
+ * task on the CPU is unrelated) and what state it is in (tcp_receive_reset
+ * has no state field).
+ *
+ * tcp_send_reset has two layouts. Older kernels (6.1) carry sport, dport,
+ * family and the address copies of the other tcp tracepoints, all from the
+ * socket, and fire only for a full socket: a reset answering a segment that
+ * found no socket (a SYN to a closed port), a TIME_WAIT or a request socket
+ * is not traced. Since 6.10 the tracepoint fires for those too (skaddr 0 and
+ * state 0 when there is no socket), adds a reason, and stores the addresses
+ * as struct sockaddr_in / sockaddr_in6 (family, port in network order, the
+ * address at byte 4 or, for IPv6, at byte 8). When they come from the
+ * segment the kernel swaps them, so the source is the side sending the
+ * reset in every case: LADDR/LPORT is always this host.
+ *
+ * An abort (close() with unread data, SO_LINGER 0, disconnect) moves the
+ * socket to CLOSE just before the RST goes out, so the tracepoint says CLOSE
+ * and the socket has already dropped its owner: both are kept here past
+ * CLOSE, in an LRU hash, so the row shows the state the socket left and who
+ * owned it.
+ */
+#define TCPTRACE_OWNERS 1
+#include "tcptrace.h"
+
+#define DIR_SENT 0
+#define DIR_RECV 1
+#define REASON_NONE -1
+#define STATE_FROM_SEEN -1 /* the tracepoint has no state field */
+
+struct event {
+	u64 ts_ns;
+	u64 skaddr;
+	u32 pid;
+	s32 state;
+	s32 reason;
+	u16 family;
+	u16 lport;
+	u16 rport;
+	u8 dir;
+	u8 owner_known;
+	u8 saddr[16];
+	u8 daddr[16];
+	char comm[16];
+};
+
+struct count_key {
+	u8 saddr[16];
+	u8 daddr[16];
+	u16 family;
+	u16 lport;
+	u16 rport;
+	u8 dir;
+	u8 unused;
+	s32 reason;
+};
+
+#ifdef TCPTRACE_COUNT
+COUNT_MAP(struct count_key);
+#endif
+
+/* What the state changes told about a socket. */
+struct sock_seen {
+	s32 state;
+	s32 before;		   /* the state it left for `state` */
+	struct owner closed_owner; /* its owner when it reached CLOSE */
+};
+
+BPF_TABLE("lru_hash", u64, struct sock_seen, seen, TCPTRACE_MAX_SOCKETS);
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 5, 0)
+#define read_kernel bpf_probe_read_kernel
+#else
+#define read_kernel bpf_probe_read
+#endif
+
+/*
+ * Kernels whose tcp tracepoints lack `family` (5.10 and older) store an IPv4
+ * socket's addresses v4-mapped (::ffff:a.b.c.d) in the IPv6 copies. Those
+ * are read with a helper: plain copies from the record next to the byte
+ * tests below let the compiler address the record through a derived
+ * pointer, which the verifier refuses for a tracepoint's context.
+ */
+static __always_inline void unmap_v4(struct event *ev)
+{
+	u8 *a = ev->saddr, *b = ev->daddr;
+	int mapped = a[10] == 0xff && a[11] == 0xff;
+
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		mapped = mapped && a[i] == 0;
+	if (!mapped) {
+		ev->family = AF_INET6;
+		return;
+	}
+	ev->family = AF_INET;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		a[i] = a[12 + i];
+		b[i] = b[12 + i];
+	}
+#pragma unroll
+	for (int i = 4; i < 16; i++) {
+		a[i] = 0;
+		b[i] = 0;
+	}
+}
+
+#define COPY_MAPPED_ADDRS(ev, args)                                            \
+	do {                                                                   \
+		read_kernel((ev)->saddr, 16, (args)->saddr_v6);                \
+		read_kernel((ev)->daddr, 16, (args)->daddr_v6);                \
+		unmap_v4(ev);                                                  \
+	} while (0)
+
+int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
+{
+	if (!is_tcp(args->protocol))
+		return 0;
+
+	u64 skaddr = args->skaddr;
+	s32 newstate = args->newstate;
+	struct sock_seen s = {};
+
+	track_owner(skaddr, args->oldstate, newstate, args->sport);
+	s.state = newstate;
+	s.before = args->oldstate;
+	if (newstate == TCP_CLOSE) {
+		struct owner *o = owner_of(skaddr);
+		if (o)
+			__builtin_memcpy(&s.closed_owner, o, sizeof(s.closed_owner));
+		forget_owner(skaddr);
+	}
+	seen.update(&skaddr, &s);
+	return 0;
+}
+
+/* Filters, owner and state from what was seen, then out. */
+static __always_inline int deliver(void *ctx, struct event *ev)
+{
+	if (!family_ok(ev->family) || !ports_ok(ev->lport, ev->rport))
+		return 0;
+
+	u64 skaddr = ev->skaddr;
+	struct owner *o = 0;
+	struct sock_seen *s = 0;
+
+	if (skaddr) {
+		o = owner_of(skaddr);
+		s = seen.lookup(&skaddr);
+	}
+	/*
+	 * What a socket left behind at CLOSE describes the reset its own
+	 * abort sends right after; for any other reset it belongs to an
+	 * earlier socket at the same address.
+	 */
+	int closed = s && s->state == TCP_CLOSE;
+	int aborting = ev->dir == DIR_SENT && closed &&
+		    (ev->state == TCP_CLOSE || ev->state == STATE_FROM_SEEN);
+
+	if (aborting) {
+		ev->state = s->before;
+		if (!o && s->closed_owner.known)
+			o = &s->closed_owner;
+	} else if (ev->dir == DIR_RECV || ev->state == STATE_FROM_SEEN) {
+		ev->state = s && !closed ? s->state : 0;
+	}
+	if (o) {
+		ev->pid = o->pid;
+		ev->owner_known = 1;
+		__builtin_memcpy(ev->comm, o->comm, sizeof(ev->comm));
+	}
+#ifdef FILTER_PIDS
+	if (!o || !pid_ok(o->pid))
+		return 0;
+#endif
+
+#ifdef TCPTRACE_COUNT
+	struct count_key key = {};
+	u64 zero = 0;
+
+	__builtin_memcpy(key.saddr, ev->saddr, 16);
+	__builtin_memcpy(key.daddr, ev->daddr, 16);
+	key.family = ev->family;
+	key.lport = ev->lport;
+	key.rport = ev->rport;
+	key.dir = ev->dir;
+	key.reason = ev->reason;
+	u64 *count = counts.lookup_or_try_init(&key, &zero);
+	if (count)
+		__sync_fetch_and_add(count, 1);
+	else
+		stat_inc(STAT_LOST_OUTPUT);
+#else
+	emit(ctx, ev, sizeof(*ev));
+#endif
+	return 0;
+}
+
+int on_tcp_send_reset(struct tp_tcp_send_reset *args)
+{
+	struct event ev = {};
+
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.skaddr = args->skaddr;
+	ev.dir = DIR_SENT;
+#ifdef HAS_TCP_SEND_RESET_STATE
+	ev.state = args->state;
+#else
+	ev.state = STATE_FROM_SEEN;
+#endif
+#ifdef HAS_TCP_SEND_RESET_REASON
+	ev.reason = args->reason;
+#else
+	ev.reason = REASON_NONE;
+#endif
+
+#if HAS_TCP_SEND_RESET_SADDR == 28
+	__builtin_memcpy(&ev.family, args->saddr, sizeof(ev.family));
+	ev.lport = ((u16)args->saddr[2] << 8) | args->saddr[3];
+	ev.rport = ((u16)args->daddr[2] << 8) | args->daddr[3];
+	if (ev.family == AF_INET6) {
+		__builtin_memcpy(ev.saddr, &args->saddr[8], 16);
+		__builtin_memcpy(ev.daddr, &args->daddr[8], 16);
+	} else {
+		__builtin_memcpy(ev.saddr, &args->saddr[4], 4);
+		__builtin_memcpy(ev.daddr, &args->daddr[4], 4);
+	}
+#elif defined(HAS_TCP_SEND_RESET_SPORT) && defined(HAS_TCP_SEND_RESET_SADDR_V6)
+	ev.lport = args->sport;
+	ev.rport = args->dport;
+#ifdef HAS_TCP_SEND_RESET_FAMILY
+	ev.family = args->family;
+	COPY_ADDRS(&ev, args);
+#else
+	COPY_MAPPED_ADDRS(&ev, args);
+#endif
+#else
+#error "tcp:tcp_send_reset has neither address layout tcptrace knows"
+#endif
+	return deliver(args, &ev);
+}
+
+int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
+{
+	struct event ev = {};
+
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.skaddr = args->skaddr;
+	ev.dir = DIR_RECV;
+	ev.reason = REASON_NONE;
+	ev.lport = args->sport;
+	ev.rport = args->dport;
+#ifdef HAS_TCP_RECEIVE_RESET_FAMILY
+	ev.family = args->family;
+	COPY_ADDRS(&ev, args);
+#else
+	COPY_MAPPED_ADDRS(&ev, args);
+#endif
+	return deliver(args, &ev);
+}

@@ -1,0 +1,89 @@
+"""tcptrace accept: passive TCP opens, with the listening process (bcc's
+tcpaccept, from the state tracepoint)."""
+
+from .. import net
+from ..layout import Layout
+from ..spec import Column, DecodeContext, Example, ToolSpec, Tracepoint
+
+EVENT = Layout(
+    [
+        ("ts_ns", "u64"),
+        ("skaddr", "u64"),
+        ("syn_recv_ns", "u64"),
+        ("pid", "u32"),
+        ("family", "u16"),
+        ("lport", "u16"),
+        ("rport", "u16"),
+        ("owner_known", "u8"),
+        ("unused", "u8"),
+        ("saddr", "u8[16]"),
+        ("daddr", "u8[16]"),
+        ("comm", "char[16]"),
+    ]
+)
+
+COLUMNS = (
+    Column("pid", "PID", 7, "d"),
+    Column("comm", "COMM", 10, truncate=True),
+    Column("family", "IP", 2, "d", wide_only=True),
+    Column("laddr", "LADDR", 15, wide=39),
+    Column("lport", "LPORT", 5, "d"),
+    Column("raddr", "RADDR", 15, wide=39),
+    Column("rport", "RPORT", 5, "d"),
+    Column("syn_recv_ms", "SYN_RECV(ms)", 0, ".3f"),
+)
+
+
+def decode(ev, ctx: DecodeContext):
+    _ts, _skaddr, syn_recv_ns, pid, family, lport, rport, known, _unused, saddr, daddr, comm = ev
+    return (
+        pid if known else None,
+        net.comm(comm) if known else None,
+        net.IP_VERSION.get(family, family),
+        net.address(family, saddr),
+        lport,
+        net.address(family, daddr),
+        rport,
+        syn_recv_ns / 1e6,
+    )
+
+
+SPEC = ToolSpec(
+    name="accept",
+    summary="Trace passive TCP opens: connections a listener established, with its process.",
+    description=(
+        "Trace passive TCP opens from sock:inet_sock_set_state: one row when a listening "
+        "socket's new connection is established. PID and COMM are the process that put the "
+        "listener in LISTEN (for a listener opened before tracing began, the owner /proc "
+        "gives at start; blank when unknown). LADDR/LPORT is the listener's side. SYN_RECV(ms) "
+        "is the time the new socket spent in SYN_RECV: since Linux 4.4 the kernel creates it "
+        "only when the client's final ACK arrives, so it is near zero, except with TCP Fast "
+        "Open, where it is the time from the SYN to that ACK."
+    ),
+    bpf="accept.bpf.c",
+    event=EVENT,
+    columns=COLUMNS,
+    decode=decode,
+    tracepoints=(
+        Tracepoint(
+            "sock:inet_sock_set_state",
+            fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+                    "saddr", "daddr", "saddr_v6", "daddr_v6"),
+            since="4.16",
+        ),
+    ),
+    options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide"),
+    notes=(
+        "The row is written when the handshake completes, not when the application calls "
+        "accept(): bcc's tcpaccept reports the accept() call from a kretprobe on "
+        "inet_csk_accept, and the time from the SYN to the final ACK sits in a request "
+        "socket no tracepoint reports; both would need kprobes, which tcptrace does not use."
+    ),
+    examples=(
+        Example("tcptrace accept", "trace every connection a listener established"),
+        Example("tcptrace accept -L 80,443", "only on local ports 80 and 443"),
+        Example("tcptrace accept -p 181", "only connections of listeners owned by PID 181"),
+        Example("tcptrace accept -6 -w", "only IPv6, with wide address columns"),
+        Example("tcptrace accept -T -o csv", "CSV with a time column"),
+    ),
+)

@@ -1,0 +1,122 @@
+"""tcptrace connect: active TCP opens, with the connecting process, the
+connect latency and how failed attempts failed (bcc's tcpconnect and
+tcpconnlat, from the state tracepoint)."""
+
+import errno
+
+from .. import net
+from ..layout import Layout
+from ..spec import Column, DecodeContext, Example, ToolSpec, Tracepoint
+
+ERROR_UNKNOWN = -1  # the kernel has no BTF: sk_err could not be read
+
+# sk_err values with a plain name; any other is shown as its errno symbol.
+RESULTS = {
+    0: "CLOSED",  # the application closed the socket before the handshake completed
+    errno.ETIMEDOUT: "TIMEOUT",
+    errno.ECONNREFUSED: "REFUSED",
+}
+
+EVENT = Layout(
+    [
+        ("ts_ns", "u64"),
+        ("skaddr", "u64"),
+        ("lat_ns", "u64"),
+        ("pid", "u32"),
+        ("error", "s32"),
+        ("family", "u16"),
+        ("lport", "u16"),
+        ("rport", "u16"),
+        ("failed", "u8"),
+        ("reset", "u8"),
+        ("saddr", "u8[16]"),
+        ("daddr", "u8[16]"),
+        ("comm", "char[16]"),
+    ]
+)
+
+COLUMNS = (
+    Column("pid", "PID", 7, "d"),
+    Column("comm", "COMM", 10, truncate=True),
+    Column("family", "IP", 2, "d", wide_only=True),
+    Column("laddr", "LADDR", 15, wide=39),
+    Column("lport", "LPORT", 5, "d"),
+    Column("raddr", "RADDR", 15, wide=39),
+    Column("rport", "RPORT", 5, "d"),
+    Column("lat_ms", "LAT(ms)", 8, ".3f", right=True),
+    Column("result", "RESULT"),
+)
+
+
+def result(failed, reset, error):
+    """OK, or how the attempt failed: a reset (REFUSED) first, then sk_err."""
+    if not failed:
+        return "OK"
+    if reset:
+        return "REFUSED"
+    if error == ERROR_UNKNOWN:
+        return "FAILED"
+    return RESULTS.get(error) or errno.errorcode.get(error) or f"ERROR{error}"
+
+
+def decode(ev, ctx: DecodeContext):
+    _ts, _skaddr, lat_ns, pid, error, family, lport, rport, failed, reset, saddr, daddr, comm = ev
+    return (
+        pid,
+        net.comm(comm),
+        net.IP_VERSION.get(family, family),
+        net.address(family, saddr),
+        lport,
+        net.address(family, daddr),
+        rport,
+        lat_ns / 1e6,
+        result(failed, reset, error),
+    )
+
+
+SPEC = ToolSpec(
+    name="connect",
+    summary="Trace TCP connects: who, to where, how long the handshake took, how it failed.",
+    description=(
+        "Trace active TCP opens (connect()) from sock:inet_sock_set_state: the process that "
+        "called connect(), the endpoints and LAT(ms), from connect() to the SYN-ACK for a "
+        "connect that succeeded (bcc's tcpconnlat measures the same) or to the failure for "
+        "one that did not. RESULT is OK, REFUSED (a reset answered the SYN), TIMEOUT (the "
+        "SYN retries ran out), CLOSED (the application closed the socket before the "
+        "handshake completed, e.g. its own timeout), or the error the kernel recorded on "
+        "the socket (EHOSTUNREACH, ENETUNREACH... from ICMP). The row is written when the "
+        "handshake ends, so a timeout shows up when the kernel gives up. --failed shows "
+        "only failed attempts (filtered in the kernel)."
+    ),
+    bpf="connect.bpf.c",
+    event=EVENT,
+    columns=COLUMNS,
+    decode=decode,
+    tracepoints=(
+        Tracepoint(
+            "sock:inet_sock_set_state",
+            fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+                    "saddr", "daddr", "saddr_v6", "daddr_v6"),
+            since="4.16",
+        ),
+        Tracepoint("tcp:tcp_receive_reset", fields=("skaddr",), since="4.16", optional=True),
+    ),
+    options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide",
+             "failed"),
+    btf={"sock": ("sk_err",)},
+    notes=(
+        "A connect() that fails before the kernel sends its SYN (no route, no free local "
+        "port) never reaches SYN_SENT and is not shown: seeing it would need a kprobe on "
+        "tcp_v4_connect/tcp_v6_connect, which tcptrace does not use. A connect already under "
+        "way when tracing began is not shown either. Without BTF (/sys/kernel/btf/vmlinux) a "
+        "failure other than a reset is shown as FAILED."
+    ),
+    examples=(
+        Example("tcptrace connect", "trace every connect with its latency and result"),
+        Example("tcptrace connect --failed", "only connects that failed"),
+        Example("tcptrace connect -p 181", "only connects made by PID 181"),
+        Example("tcptrace connect -D 443", "only connects to port 443"),
+        Example("tcptrace connect -6 -w", "only IPv6, with wide address columns"),
+        Example("tcptrace connect -o json | jq 'select(.lat_ms > 100)'", "slow handshakes"),
+    ),
+)
