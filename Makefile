@@ -8,14 +8,26 @@ ARGS ?=
 # for the tests nftables (induced packet loss) and iproute2 (namespaces).
 RUN_PACKAGES = python3-bpfcc
 TEST_PACKAGES = $(RUN_PACKAGES) nftables iproute2 procps util-linux bpftool
+# make test-kernel: a second real kernel, Debian's 6.1, booted under qemu's
+# software emulation by virtme-ng (from PyPI, in its own venv under build/),
+# which needs a static busybox for its initramfs.
+KERNEL_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static
+KERNEL_VENV ?= build/kernel-venv
+VIRTME_NG ?= virtme-ng==1.42
 
-.PHONY: run test test-unit bench soak deps test-deps venv clean
+.PHONY: run test test-unit test-kernel bench soak deps test-deps venv clean
 
 run: deps
 	$(VENV)/bin/tcptrace states $(ARGS)
 
 test: test-deps
 	$(VENV)/bin/python -m pytest -ra tests $(ARGS)
+
+test-kernel: test-deps
+	@PACKAGES="$(KERNEL_PACKAGES)" sh scripts/apt-ensure.sh
+	@test -x $(KERNEL_VENV)/bin/vng || { $(PYTHON) -m venv $(KERNEL_VENV) && \
+		$(KERNEL_VENV)/bin/python -m pip install -q --disable-pip-version-check '$(VIRTME_NG)'; }
+	VNG=$(KERNEL_VENV)/bin/vng sh scripts/test-kernel.sh
 
 test-unit: venv
 	$(VENV)/bin/python -m pytest -ra -m "not privileged" tests $(ARGS)

@@ -48,3 +48,38 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def formats_dir():
     return FORMATS
+
+
+# Tests that exercise a failure record what they tried and what tcptrace did;
+# with TCPTRACE_REPORT=FILE the run writes them as the README's markdown tables.
+_REPORT = []
+
+
+@pytest.fixture
+def report():
+    def add(section, tried, result):
+        _REPORT.append((section, tried, result))
+
+    return add
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("TCPTRACE_REPORT")
+    if not path or not _REPORT:
+        return
+    sections = {}
+    for section, tried, result in _REPORT:
+        rows = sections.setdefault(section, {})
+        rows.setdefault(tried, []).append(result)
+    out = []
+    for section, rows in sections.items():
+        out += [f"### {section}", "", "| tried | result |", "|---|---|"]
+        for tried, results in rows.items():
+            distinct = sorted(set(results))
+            shown = distinct[0] if len(distinct) == 1 else "; ".join(distinct)
+            if len(results) > 1 and len(distinct) == 1:
+                shown += f" (all {len(results)} subcommands)"
+            out.append(f"| {tried} | {shown} |".replace("\n", " "))
+        out.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(out))

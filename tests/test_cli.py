@@ -46,12 +46,15 @@ for spec in TOOLS.values():
 
 
 @pytest.mark.parametrize("tool,args", CASES, ids=[f"{t}:{' '.join(a)}" for t, a in CASES])
-def test_bad_values_are_usage_errors(tool, args):
+def test_bad_values_are_usage_errors(tool, args, report):
     result = CliRunner().invoke(cli, [tool, *args])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     flag = args[0]
     assert flag in result.output or "Invalid value" in result.output
+    message = result.output.strip().splitlines()[-1].replace(f"{tool} ", "")
+    shown = " ".join(repr(a) if (not a or " " in a or "\n" in a) else a for a in args)
+    report("Bad input", f"`{shown}`", f"exit 2: {message.replace('|', '/')}")
 
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))

@@ -2,6 +2,7 @@
 
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -163,3 +164,35 @@ def test_rows_reach_a_pipe_while_running(bpf):
         assert t.proc.poll() is None
         t.stop()
     assert seen_while_running == 6
+
+
+def test_filtered_out_change_still_times_the_next(bpf):
+    """connect() without bind() reaches SYN_SENT with local port 0, which
+    -L filters out; the next change must still know when it began. The only
+    ephemeral port in a private network namespace makes the port known."""
+    import json
+
+    port = 47123
+    script = f"""
+import socket, subprocess, sys, time
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+open("/proc/sys/net/ipv4/ip_local_port_range", "w").write("{port} {port}")
+tracer = subprocess.Popen({tcptrace_cmd("states", "-o", "json", "-L", str(port), "--verbose")!r},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+while "ready in" not in tracer.stderr.readline():
+    pass
+srv = socket.create_server(("127.0.0.1", 5000))
+c = socket.create_connection(srv.getsockname())
+a, _ = srv.accept()
+c.close(); a.close(); srv.close()
+time.sleep(0.5)
+tracer.send_signal(2)
+print(tracer.communicate(timeout=30)[0])
+"""
+    result = subprocess.run(["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    client = [r for r in rows if r["lport"] == port and r["rport"] != 0]
+    assert [f"{r['oldstate']}>{r['newstate']}" for r in client][:1] == ["SYN_SENT>ESTABLISHED"]
+    assert all(r["ms"] is not None for r in client), client

@@ -39,8 +39,6 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
 	if (args->protocol != IPPROTO_TCP)
 		return 0;
-	if (!family_ok(args->family) || !ports_ok(args->sport, args->dport))
-		return 0;
 
 	struct event ev = {};
 	u64 skaddr = args->skaddr;
@@ -60,6 +58,13 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		last_change.delete(&skaddr);
 	else
 		last_change.update(&skaddr, &now);
+
+	/* Filtered only now: a change that carries no port yet (connect()
+	 * without bind() reaches SYN_SENT with local port 0; on 6.1 a
+	 * listener's child is reported before its peer is copied in) must
+	 * still time the socket's next change. */
+	if (!family_ok(args->family) || !ports_ok(args->sport, args->dport))
+		return 0;
 
 	ev.ts_ns = now;
 	ev.skaddr = skaddr;

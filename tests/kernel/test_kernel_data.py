@@ -1,0 +1,63 @@
+"""doctor's verdict from saved format files, held against the report of the
+real kernel they came from (no root needed).
+
+tests/data/doctor/<kernel>.json is `tcptrace doctor -o json` run on that
+kernel: 6.1 inside the guest of `make test-kernel` (it leaves the report in
+build/test-kernel/doctor.json), 6.18 on the project's CI VM. Commands and
+tracepoints that only one side knows (a tool added since the report was
+made) are left out, so a new tool does not need a new report at once.
+"""
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from tcptrace import headers
+from tcptrace.cli import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.path.join(ROOT, "tests", "data")
+REPORTS = sorted(name[: -len(".json")] for name in os.listdir(os.path.join(DATA, "doctor")) if name.endswith(".json"))
+
+
+def real_report(kernel):
+    with open(os.path.join(DATA, "doctor", kernel + ".json")) as f:
+        return json.load(f)
+
+
+def saved_report(kernel):
+    result = CliRunner().invoke(cli, ["doctor", "--formats", os.path.join(DATA, "formats", kernel), "-o", "json"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return json.loads(result.output)
+
+
+pytestmark = pytest.mark.skipif("doctor" not in cli.commands, reason="`tcptrace doctor` is not registered")
+
+
+def test_reports_exist():
+    assert {"6.1", "6.18"} <= set(REPORTS)
+
+
+@pytest.mark.parametrize("kernel", REPORTS)
+def test_report_is_of_that_kernel(kernel):
+    real = real_report(kernel)
+    assert real["source"] == "running kernel"
+    assert ".".join(map(str, headers.version_triple(real["release"])[:2])) == kernel
+    assert real["status"] == 0, "every subcommand could run on the real kernel"
+
+
+@pytest.mark.parametrize("kernel", REPORTS)
+def test_saved_formats_judged_as_the_real_kernel(kernel):
+    real, saved = real_report(kernel), saved_report(kernel)
+    real_commands = {c["name"]: c["status"] for c in real["commands"]}
+    saved_commands = {c["name"]: c["status"] for c in saved["commands"]}
+    both = real_commands.keys() & saved_commands.keys()
+    assert both
+    assert {n: saved_commands[n] for n in both} == {n: real_commands[n] for n in both}
+    real_tps = {t["name"]: (t["present"], t["fields"]) for t in real["tracepoints"]}
+    saved_tps = {t["name"]: (t["present"], t["fields"]) for t in saved["tracepoints"]}
+    both = real_tps.keys() & saved_tps.keys()
+    assert both
+    assert {n: saved_tps[n] for n in both} == {n: real_tps[n] for n in both}
