@@ -28,14 +28,15 @@ def one_sentence(stderr):
     return lines[-1]
 
 
-def test_unprivileged_user(bpf):
+def test_unprivileged_user(bpf, report):
     result = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
                   *tcptrace_cmd("states")])
     assert result.returncode == errors.EXIT_PRIVILEGE, result.stderr
     assert "root" in one_sentence(result.stderr) and "CAP_BPF" in result.stderr
+    report("Faults", 'run as an unprivileged user (setpriv nobody, no capabilities)', f"exit {result.returncode}: {one_sentence(result.stderr)}")
 
 
-def test_bcc_missing(bpf):
+def test_bcc_missing(bpf, report):
     """bcc hidden by an empty tmpfs over its directory in a private mount namespace."""
     from tcptrace import runtime
 
@@ -44,9 +45,10 @@ def test_bcc_missing(bpf):
     result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     assert result.returncode == errors.EXIT_NO_BCC, result.stderr
     assert "python3-bpfcc" in one_sentence(result.stderr)
+    report("Faults", "bcc's module hidden (empty tmpfs over it, private mount namespace)", f"exit {result.returncode}: {one_sentence(result.stderr)}")
 
 
-def test_tracefs_unmountable(bpf):
+def test_tracefs_unmountable(bpf, report):
     """No tracefs and a user with CAP_BPF+CAP_PERFMON but not root: it cannot mount it."""
     script = (
         "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; "
@@ -57,9 +59,10 @@ def test_tracefs_unmountable(bpf):
     result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     assert result.returncode == errors.EXIT_NO_TRACEFS, result.stderr
     assert "tracefs" in one_sentence(result.stderr)
+    report("Faults", 'tracefs unmounted, user with CAP_BPF+CAP_PERFMON but not root', f"exit {result.returncode}: {one_sentence(result.stderr)}")
 
 
-def test_tracefs_mounted_when_missing(bpf):
+def test_tracefs_mounted_when_missing(bpf, report):
     """As root, a missing tracefs is mounted (in a private mount namespace here)."""
     script = (
         "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; "
@@ -68,12 +71,14 @@ def test_tracefs_mounted_when_missing(bpf):
     result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     assert result.returncode == 0, result.stderr
     assert "ready in" in result.stderr
+    report("Faults", 'tracefs unmounted, run as root', f"exit {result.returncode}: {one_sentence(result.stderr)}")
 
 
-def test_missing_tracepoint(bpf):
+def test_missing_tracepoint(bpf, report):
     result = run(tcptrace_cmd("states"), env=dict(os.environ, TCPTRACE_HIDE_TRACEPOINTS="sock:inet_sock_set_state"))
     assert result.returncode == errors.EXIT_KERNEL_TOO_OLD
     assert "sock:inet_sock_set_state" in one_sentence(result.stderr) and "4.16" in result.stderr
+    report("Faults", 'sock:inet_sock_set_state absent (TCPTRACE_HIDE_TRACEPOINTS)', f"exit {result.returncode}: {one_sentence(result.stderr)}")
 
 
 def bpf_programs():
@@ -97,7 +102,7 @@ def programs_of(pid):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_signals_end_cleanly_and_detach(bpf, sig):
+def test_signals_end_cleanly_and_detach(bpf, sig, report):
     with Tracer("states", "-o", "json") as t:
         ids = programs_of(t.proc.pid)
         assert ids, "the tracer's programs are visible while it runs"
@@ -106,9 +111,10 @@ def test_signals_end_cleanly_and_detach(bpf, sig):
     assert "Traceback" not in t.stderr
     remaining = {p["id"] for p in bpf_programs()}
     assert not ids & remaining, "programs stayed loaded after exit"
+    report("Faults", f"{sig.name} while tracing", f"exit {t.returncode}; its {len(ids)} BPF programs unloaded")
 
 
-def test_closed_pipe_true(bpf):
+def test_closed_pipe_true(bpf, report):
     """`tcptrace states | true`: the reader is gone before the first row."""
     cport = free_port()
     proc = subprocess.Popen(" ".join(tcptrace_cmd("states", "-L", str(cport), "--duration", "15"))
@@ -118,9 +124,10 @@ def test_closed_pipe_true(bpf):
     session("127.0.0.1", free_port(), cport)
     out, err = proc.communicate(timeout=30)
     assert "status=0" in out and "Traceback" not in err
+    report("Faults", "`tcptrace states | true` (reader gone before the first row)", "exit 0, nothing on stderr")
 
 
-def test_two_tracers_see_every_event(bpf):
+def test_two_tracers_see_every_event(bpf, report):
     sport, cport = free_port(), free_port()
     with Tracer("states", "-o", "json", "-L", str(cport)) as a, Tracer("states", "-o", "json", "-L", str(cport)) as b:
         for _ in range(5):
@@ -128,9 +135,10 @@ def test_two_tracers_see_every_event(bpf):
         a.stop()
         b.stop()
     assert len(a.json_rows()) == len(b.json_rows()) == 25
+    report("Faults", "two tracers at once, 5 sessions", "25 rows each: both see every change")
 
 
-def test_full_disk_stdout(bpf):
+def test_full_disk_stdout(bpf, report):
     """stdout on a full device (/dev/full): a clear failure, no traceback."""
     cport = free_port()
     with open("/dev/full", "w") as full:
@@ -141,3 +149,4 @@ def test_full_disk_stdout(bpf):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == errors.EXIT_FAILURE, err
     assert "Traceback" not in err and "cannot write the output (No space left on device)" in err
+    report("Faults", "stdout on a full device (/dev/full)", f"exit {proc.returncode}: {one_sentence(err)}")

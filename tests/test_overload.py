@@ -30,7 +30,7 @@ def connect_many(port, count):
 
 
 @pytest.mark.parametrize("buffer,pages", [("ring", "1"), ("perf", "1")])
-def test_every_loss_is_counted(bpf, buffer, pages):
+def test_every_loss_is_counted(bpf, buffer, pages, report):
     port = free_port()
     with Tracer("states", "-o", "json", "-D", str(port), "--buffer", buffer, "--buffer-pages", pages) as t:
         os.kill(t.proc.pid, signal.SIGSTOP)
@@ -47,3 +47,5 @@ def test_every_loss_is_counted(bpf, buffer, pages):
     assert len(rows) + sum(lost) == CONNECTIONS * CHANGES
     # What got through is still whole: every row is one of ours.
     assert all(r["rport"] == port for r in rows)
+    report("Overload", f"tracer frozen (SIGSTOP) during {CONNECTIONS} connections, {buffer} buffer of {pages} page",
+           f"{len(rows)} rows + {sum(lost)} reported lost = {CONNECTIONS * CHANGES} changes; exit {status}")

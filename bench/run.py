@@ -1,0 +1,1104 @@
+#!/usr/bin/env python3
+"""tcptrace's benchmark: tcptrace side by side with bcc and bpftrace.
+
+What `make bench` runs (as root). For every repetition, in an order that
+rotates between repetitions, it runs a no-tracer baseline and each tracer:
+
+  tcptrace <tool>        each tool given with --tool (default: states, and
+                         life once tcptrace has it)
+  bcc tcpstates, tcplife the stock tools (tcpstates-bpfcc, tcplife-bpfcc)
+  bpftrace               a one-liner on sock:inet_sock_set_state
+
+and measures for each:
+
+  start-up    from process start until the tool prints its first row for a
+              probe connection made every 20 ms (stdout on a pseudo-terminal,
+              as a user watching it would see it)
+  peak RSS    VmHWM of the tracer's process tree, sampled
+  complete    rows for the load's ports / connections x rows per connection,
+              for every load (paced or max rate, with 2, 4, 8 client/server
+              pairs: see loadgen.py); stdout goes to a file, so each tool
+              buffers as it does when redirected
+  lost        the losses each tool reports on stderr, and for tcptrace
+              whether rows seen + losses reported cover every expected row
+  CPU/row     utime+stime of the tracer during a load / rows for that load
+  slowdown    the load's achieved rate against the no-tracer baseline
+
+The stock bcc tools need kernel headers, which do not exist for this kernel:
+Debian's (older) headers are linked into /lib/modules/$(uname -r) only while
+a stock tool starts and removed as soon as it is attached. tcplife's byte
+columns are then garbage (wrong struct offsets): rows are counted, bytes not.
+
+The report (markdown) goes to stdout and to bench/results/<date>.md, with
+the raw numbers in a .json beside it.
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LOADGEN = HERE / "loadgen.py"
+RESULTS = HERE / "results"
+
+# Rows each connection of the load makes in a tool of this kind.
+ROWS_PER_CONNECTION = {"states": 10, "life": 2}
+# The stock tool that each tcptrace tool is held against.
+BCC_TWIN = {"states": "bcc-tcpstates", "life": "bcc-tcplife"}
+
+def packages():
+    """Debian packages for the comparison: the stock tools, bpftrace, and the
+    distribution's (older) kernel headers that the stock tools compile with."""
+    try:
+        arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        arch = "amd64"
+    return f"bpfcc-tools bpftrace linux-headers-{arch or 'amd64'}"
+
+BPFTRACE_PROGRAM = (
+    'BEGIN { printf("PID    COMM             LADDR           LPORT RADDR           RPORT OLDSTATE -> NEWSTATE\\n"); } '
+    "tracepoint:sock:inet_sock_set_state /args->protocol == 6/ { "
+    'printf("%-6d %-16s %-15s %-5d %-15s %-5d %d -> %d\\n", pid, comm, ntop(args->saddr), args->sport, '
+    "ntop(args->daddr), args->dport, args->oldstate, args->newstate); }"
+)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SAMPLE_S = 0.1
+
+
+# Settings of this shell that would change how a tracer behaves: unbuffered
+# Python output turns every row into a write(), no bytecode cache makes every
+# start compile. A user's tracer has neither.
+SCRUBBED_ENV = ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE",
+                "PYTHONTRACEMALLOC", "PYTHONMALLOC", "TCPTRACE_DEBUG", "BCC_KERNEL_SOURCE")
+
+
+def tracer_env():
+    return {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+
+
+def say(text):
+    sys.stderr.write(f"bench: {text}\n")
+    sys.stderr.flush()
+
+
+# -- tracers -------------------------------------------------------------------
+
+
+class Tracer:
+    """A tool under test: how to start it and what its rows mean."""
+
+    def __init__(self, name, argv, kind, needs_headers=False, lost_style="generic", label=None):
+        self.name = name
+        self.argv = argv
+        self.kind = kind  # "states", "life", or None (no load rows expected)
+        self.needs_headers = needs_headers
+        self.lost_style = lost_style
+        self.label = label or name
+
+    @property
+    def rows_per_connection(self):
+        return ROWS_PER_CONNECTION.get(self.kind)
+
+
+BASELINE = Tracer("none", None, None, label="no tracer")
+
+
+def tcptrace_command():
+    exe = Path(sys.executable).parent / "tcptrace"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("tcptrace")
+    return [found] if found else [sys.executable, "-m", "tcptrace"]
+
+
+def tcptrace_tools():
+    """The subcommands tcptrace has registered."""
+    try:
+        sys.path.insert(0, str(ROOT))
+        from tcptrace.tools import TOOLS
+
+        return list(TOOLS)
+    except Exception:
+        out = subprocess.run(tcptrace_command() + ["--help"], capture_output=True, text=True).stdout
+        part = out.split("Commands:", 1)[-1]
+        return [line.split()[0] for line in part.splitlines() if line.strip()]
+    finally:
+        if sys.path and sys.path[0] == str(ROOT):
+            sys.path.pop(0)
+
+
+def stock_tracers(wanted):
+    out = []
+    if "tcpstates" in wanted and shutil.which("tcpstates-bpfcc"):
+        out.append(Tracer("bcc-tcpstates", [shutil.which("tcpstates-bpfcc")], "states", True, label="bcc tcpstates"))
+    if "tcplife" in wanted and shutil.which("tcplife-bpfcc"):
+        out.append(Tracer("bcc-tcplife", [shutil.which("tcplife-bpfcc")], "life", True, label="bcc tcplife"))
+    if "bpftrace" in wanted and shutil.which("bpftrace"):
+        out.append(Tracer("bpftrace", [shutil.which("bpftrace"), "-e", BPFTRACE_PROGRAM], "states",
+                          label="bpftrace one-liner"))
+    return out
+
+
+# -- /proc ---------------------------------------------------------------------
+
+
+def tree(pid):
+    """pid and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                with open(task) as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    return out
+
+
+def cpu_seconds(pid):
+    """CPU time of a process tree, in seconds: the scheduler's exact run time
+    of every thread (/proc/<pid>/task/<tid>/schedstat, in ns), which is what
+    utime+stime count in 10 ms ticks; utime+stime where schedstat is absent."""
+    total = 0.0
+    for p in tree(pid):
+        exact = 0
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/schedstat") as f:
+                    exact += int(f.read().split()[0])
+            total += exact / 1e9
+            continue
+        except (OSError, IndexError, ValueError):
+            pass
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def hwm_kib(pid):
+    """VmHWM of a process tree (the sum over its processes), in KiB."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def machine_busy():
+    """CPU seconds the machine spent in user and system mode (not in
+    interrupts, whose loopback work no process is charged for)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    user, nice, system = (int(x) for x in fields[1:4])
+    return (user + nice + system) / CLK_TCK
+
+
+def own_and_children():
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def attached(pid):
+    """True once the process holds a perf event or BPF link: its tracepoint
+    program is attached (every tool here attaches before it polls)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target in ("anon_inode:[perf_event]", "anon_inode:bpf_link"):
+            return True
+    return False
+
+
+def machine():
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) // 1024
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "mem_mib": mem, "cpu": model, "kernel": platform.release()}
+
+
+def versions():
+    out = {}
+    try:
+        out["tcptrace"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                                         capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        out["tcptrace"] = "?"
+    for pkg in ("python3-bpfcc", "bpftrace"):
+        try:
+            out[pkg] = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                                      text=True, timeout=10).stdout.strip() or "-"
+        except Exception:
+            out[pkg] = "-"
+    return out
+
+
+# -- kernel headers for the stock tools ----------------------------------------
+
+
+class StockHeaders:
+    """Links Debian's headers into /lib/modules/$(uname -r) for one stock
+    tool's start, and removes exactly what it created."""
+
+    def __init__(self):
+        release = platform.release()
+        self.base = Path("/lib/modules") / release
+        builds = sorted(glob.glob("/usr/src/linux-headers-*-amd64") + glob.glob("/usr/src/linux-headers-*-arm64"))
+        self.build = builds[-1] if builds else None
+        self.source = None
+        if self.build:
+            common = re.sub(r"-(amd64|arm64)$", "-common", self.build)
+            self.source = common if os.path.isdir(common) else self.build
+        self.created = []
+        self.note = None
+        if not self.build:
+            self.note = "no Debian kernel headers under /usr/src: stock bcc tools skipped"
+        elif (self.base / "build").exists() or (self.base / "build").is_symlink():
+            self.note = f"{self.base}/build already exists: used as it is, not removed"
+
+    @property
+    def usable(self):
+        return self.build is not None or (self.base / "build").exists()
+
+    def link(self):
+        if self.created or not self.build or (self.base / "build").exists() or (self.base / "build").is_symlink():
+            return
+        if not self.base.exists():
+            self.base.mkdir(parents=True)
+            self.created.append(self.base)
+        for name, target in (("build", self.build), ("source", self.source)):
+            path = self.base / name
+            if not path.exists() and not path.is_symlink():
+                os.symlink(target, path)
+                self.created.append(path)
+
+    def unlink(self):
+        for path in reversed(self.created):
+            try:
+                if path.is_symlink():
+                    path.unlink()
+                else:
+                    path.rmdir()
+            except OSError as e:
+                say(f"could not remove {path}: {e}")
+        self.created = []
+
+
+# -- rows ----------------------------------------------------------------------
+
+
+class RowParser:
+    """Finds the local and remote port in a tool's table rows by the
+    positions of LPORT and RPORT in its header line. A task name with spaces
+    (the COMM column) shifts the columns after it; rows are matched from both
+    ends around it."""
+
+    def __init__(self):
+        self.n = None
+
+    def header(self, tokens):
+        if b"LPORT" not in tokens or b"RPORT" not in tokens:
+            return False
+        self.n = len(tokens)
+        self.il = tokens.index(b"LPORT")
+        self.ir = tokens.index(b"RPORT")
+        comm = [i for i, t in enumerate(tokens) if b"COMM" in t]
+        self.comm = comm[0] if comm else -1
+        return True
+
+    def ports(self, line):
+        """(lport, rport) as bytes, or None for a line that is not a row."""
+        t = line.split()
+        if self.n is None:
+            self.header(t)
+            return None
+        k = len(t)
+        if k == self.n:
+            return t[self.il], t[self.ir]
+        if k > self.n and self.comm >= 0:
+            extra = k - self.n
+            il = self.il + extra if self.il > self.comm else self.il
+            ir = self.ir + extra if self.ir > self.comm else self.ir
+            return t[il], t[ir]
+        return None
+
+
+def classify(lport, rport, portmap):
+    """The load a row belongs to: its remote port is a server port (client
+    side), or its local port is and it has a peer (server side; a listener's
+    own rows have remote port 0)."""
+    idx = portmap.get(rport)
+    if idx is not None:
+        return idx
+    idx = portmap.get(lport)
+    if idx is not None and rport != b"0":
+        return idx
+    return None
+
+
+def count_rows(path, portmap, nloads):
+    """Rows per load, other rows, losses reported on stdout per load (as
+    bpftrace does: each is put on the load whose rows came last), and
+    whether a header was found."""
+    parser = RowParser()
+    counts = [0] * nloads
+    lost = [0] * nloads
+    other = 0
+    current = None
+    unplaced = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.startswith((b"Lost ", b"Possibly lost ")):
+                m = LOST_LINE.search(line)
+                if m:
+                    if current is None:
+                        unplaced += int(m.group(1))
+                    else:
+                        lost[current] += int(m.group(1))
+                continue
+            ports = parser.ports(line)
+            if ports is None:
+                continue
+            idx = classify(ports[0], ports[1], portmap)
+            if idx is None:
+                other += 1
+            else:
+                counts[idx] += 1
+                if current is None:
+                    lost[idx] += unplaced
+                current = idx
+    return counts, other, lost, parser.n is not None
+
+
+LOST_TCPTRACE = (re.compile(r"(\d+) in all\)"), re.compile(r"(\d+) events lost in all"))
+LOST_GENERIC = re.compile(r"[Ll]ost (\d+) (?:events|samples)")
+LOST_LINE = re.compile(rb"[Ll]ost (\d+) (?:events|samples)")
+
+
+def lost_so_far(text, style):
+    if style == "tcptrace":
+        found = [int(m) for rx in LOST_TCPTRACE for m in rx.findall(text)]
+        return max(found, default=0)
+    return sum(int(m) for m in LOST_GENERIC.findall(text))
+
+
+# -- the probe: one loopback connection every 20 ms -----------------------------
+
+
+class Probe:
+    def __init__(self, port):
+        self.port = port
+        self.stop = threading.Event()
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", port))
+        self.srv.listen(64)
+        self.srv.settimeout(0.2)
+        self.threads = [threading.Thread(target=self._serve, daemon=True),
+                        threading.Thread(target=self._connect, daemon=True)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(2)
+        self.srv.close()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                conn.settimeout(1)
+                conn.recv(16)
+            except OSError:
+                pass
+            conn.close()
+
+    def _connect(self):
+        while not self.stop.wait(0.02):
+            try:
+                c = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+                c.sendall(b"p")
+                c.close()
+            except OSError:
+                pass
+
+
+# -- running a tracer ----------------------------------------------------------
+
+
+def stop_process(proc, grace=30):
+    if proc.poll() is not None:
+        return proc.returncode
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.poll()
+
+
+def measure_startup(tracer, probe_port, headers, workdir, timeout=60):
+    """Seconds from process start to the first row for the probe, with
+    stdout on a pseudo-terminal; and the peak RSS meanwhile."""
+    master, slave = os.openpty()
+    err = open(os.path.join(workdir, f"{tracer.name}-startup.err"), "wb")
+    if tracer.needs_headers:
+        headers.link()
+    parser = RowParser()
+    port = str(probe_port).encode()
+    result = {"startup": None, "rss_kib": 0, "error": None}
+    proc = None
+    try:
+        with Probe(probe_port):
+            t0 = time.monotonic()
+            proc = subprocess.Popen(tracer.argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=err,
+                                    start_new_session=True, env=tracer_env(), cwd=workdir)
+            os.close(slave)
+            slave = None
+            pending = b""
+            while result["startup"] is None:
+                if time.monotonic() - t0 > timeout:
+                    result["error"] = f"no probe row within {timeout} s"
+                    break
+                ready, _, _ = select.select([master], [], [], 0.02)
+                if ready:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        result["error"] = f"exited with status {proc.wait()} before its first row"
+                        break
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        ports = parser.ports(line.replace(b"\r", b""))
+                        if ports and port in ports:
+                            result["startup"] = time.monotonic() - t0
+                            break
+                if headers.created and attached(proc.pid):
+                    headers.unlink()
+                if proc.poll() is not None and not ready:
+                    result["error"] = f"exited with status {proc.returncode} before its first row"
+                    break
+            result["rss_kib"] = hwm_kib(proc.pid)
+    finally:
+        if proc is not None:
+            # Keep reading so a tool blocked on a full terminal can exit.
+            stopper = threading.Thread(target=stop_process, args=(proc,))
+            stopper.start()
+            while stopper.is_alive():
+                r, _, _ = select.select([master], [], [], 0.1)
+                if r:
+                    try:
+                        os.read(master, 65536)
+                    except OSError:
+                        stopper.join()
+                        break
+        headers.unlink()
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+        err.close()
+    if result["error"]:
+        with open(err.name, "rb") as f:
+            tail = f.read().decode(errors="replace").strip().splitlines()[-3:]
+        result["error"] += (": " + " | ".join(tail)) if tail else ""
+    return result
+
+
+def run_load(python, load, port, pairs):
+    """Run loadgen.py once; its JSON summary."""
+    rate, seconds = load["rate"], load["seconds"]
+    connections = load["connections"]
+    if rate != "max":
+        seconds = seconds * 2 + 1  # a paced load makes all its connections; a slow one shows in its rate
+    cmd = [python, str(LOADGEN), "--pairs", str(pairs), "--rate", str(rate), "--seconds", str(seconds),
+           "--connections", str(connections), "--port", str(port)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    try:
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        summary = {"error": (out.stderr or out.stdout).strip()[-300:]}
+    return summary
+
+
+class Ports:
+    """Server ports for the loads: a fresh range for every load of a run,
+    below the ephemeral range so no client port can be mistaken for one."""
+
+    def __init__(self, base, limit=32000):
+        self.next = base
+        self.base = base
+        self.limit = limit
+
+    def take(self, count):
+        if self.next + count > self.limit:
+            self.next = self.base
+        port = self.next
+        self.next += count
+        return port
+
+
+def wait_drained(pid, since_end_s, quiet_s=0.5, cap_s=20.0):
+    """Wait until the tracer has used no CPU to speak of for quiet_s and at
+    least since_end_s have passed (tcptrace reports losses once a second)."""
+    start = time.monotonic()
+    last = cpu_seconds(pid)
+    quiet_since = start
+    while time.monotonic() - start < cap_s:
+        time.sleep(SAMPLE_S)
+        now = cpu_seconds(pid)
+        if now - last > 0.02:
+            quiet_since = time.monotonic()
+        last = now
+        if time.monotonic() - quiet_since >= quiet_s and time.monotonic() - start >= since_end_s:
+            return True
+    return False
+
+
+def run_tracer(tracer, loads, ports, python, headers, workdir, keep):
+    """One run of a tracer (or of none, for the baseline) through every load."""
+    result = {"loads": [], "rss_kib": 0, "error": None, "other_rows": 0}
+    out_path = os.path.join(workdir, f"{tracer.name}.out")
+    err_path = os.path.join(workdir, f"{tracer.name}.err")
+    proc = None
+    if tracer.argv:
+        if tracer.needs_headers:
+            headers.link()
+        out = open(out_path, "wb")
+        err = open(err_path, "wb")
+        proc = subprocess.Popen(tracer.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=True, env=tracer_env(), cwd=workdir)
+        out.close()
+        err.close()
+        t0 = time.monotonic()
+        while not attached(proc.pid):
+            if proc.poll() is not None or time.monotonic() - t0 > 90:
+                headers.unlink()
+                stop_process(proc)
+                with open(err_path, "rb") as f:
+                    tail = " | ".join(f.read().decode(errors="replace").strip().splitlines()[-3:])
+                result["error"] = f"did not attach ({tail})"
+                return result
+            time.sleep(0.05)
+        headers.unlink()
+        time.sleep(1.0)  # from attach to its poll loop
+    portmap = {}
+    try:
+        for i, load in enumerate(loads):
+            port = ports.take(load["pairs"])
+            for p in range(port, port + load["pairs"]):
+                portmap[str(p).encode()] = i
+            cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+            busy0, (self0, kids0), wall0 = machine_busy(), own_and_children(), time.monotonic()
+            summary = run_load(python, load, port, load["pairs"])
+            self1, kids1 = own_and_children()
+            if "error" in summary:
+                say(f"{tracer.name}: load {load['key']} failed: {summary['error']}")
+            entry = {"key": load["key"], "load": summary}
+            if proc:
+                entry["drained"] = wait_drained(proc.pid, 1.2 if tracer.lost_style == "tcptrace" else 0.3)
+                entry["cpu_s"] = cpu_seconds(proc.pid) - cpu0
+                with open(err_path, "rb") as f:
+                    entry["lost_total"] = lost_so_far(f.read().decode(errors="replace"), tracer.lost_style)
+                result["rss_kib"] = max(result["rss_kib"], hwm_kib(proc.pid))
+                if proc.poll() is not None:
+                    result["error"] = f"exited with status {proc.returncode} during the loads"
+                    break
+            else:
+                time.sleep(0.3)
+            # What other processes used meanwhile: the noise of this load.
+            tracer_cpu = entry.get("cpu_s", 0.0)
+            wall = time.monotonic() - wall0
+            others = machine_busy() - busy0 - tracer_cpu - (kids1 - kids0) - (self1 - self0)
+            entry["load_cpu_s"] = kids1 - kids0
+            entry["other_cpu_pct"] = max(0.0, 100.0 * others / (wall * (os.cpu_count() or 1)))
+            result["loads"].append(entry)
+    finally:
+        if proc:
+            result["rss_kib"] = max(result["rss_kib"], hwm_kib(proc.pid))
+            result["status"] = stop_process(proc)
+            headers.unlink()
+    if not proc:
+        return result
+    with open(err_path, "rb") as f:
+        errtext = f.read().decode(errors="replace")
+    result["lost_final"] = lost_so_far(errtext, tracer.lost_style)
+    result["stderr_tail"] = errtext.strip().splitlines()[-3:]
+    counts, other, stdout_lost, found_header = count_rows(out_path, portmap, len(loads))
+    if not found_header:
+        result["error"] = "no header line with LPORT and RPORT in its output"
+    result["other_rows"] = other
+    previous_lost = 0
+    for entry, rows, more_lost in zip(result["loads"], counts, stdout_lost):
+        entry["rows"] = rows
+        load = entry["load"]
+        if tracer.rows_per_connection and "connections" in load:
+            entry["expected"] = load["connections"] * tracer.rows_per_connection
+        entry["lost"] = entry.get("lost_total", 0) - previous_lost + more_lost
+        previous_lost = entry.get("lost_total", 0)
+    if not keep:
+        for path in (out_path, err_path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    return result
+
+
+# -- the plan ------------------------------------------------------------------
+
+
+def build_loads(rates, pairs, paced_s, max_s, max_connections):
+    loads = []
+    for rate in rates:
+        for n in pairs:
+            if rate == "max":
+                loads.append({"key": f"max/{n}", "rate": "max", "pairs": n, "seconds": max_s,
+                              "connections": max_connections})
+            else:
+                loads.append({"key": f"{int(rate)}/{n}", "rate": rate, "pairs": n, "seconds": paced_s,
+                              "connections": int(rate * paced_s)})
+    return loads
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark tcptrace against bcc's tools and bpftrace (root).")
+    p.add_argument("--tool", action="append", default=None, metavar="NAME",
+                   help="a tcptrace tool to measure (repeat; default: states, and life when tcptrace has it)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=COMMAND",
+                   help="also run another tcptrace build, e.g. a patched copy: "
+                        "'patched=env PYTHONPATH=/tmp/copy .venv/bin/python -m tcptrace' (repeat)")
+    p.add_argument("--others", default="tcpstates,tcplife,bpftrace",
+                   help="tools to compare with, comma-separated, from tcpstates,tcplife,bpftrace; 'none' for none")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    p.add_argument("--rates", default="2000,8000,max", help="paced rates in conn/s and/or max (default 2000,8000,max)")
+    p.add_argument("--pairs", default="2,4,8", help="client/server process pairs (default 2,4,8)")
+    p.add_argument("--seconds", type=float, default=1.5, help="length of a paced load (default 1.5 s)")
+    p.add_argument("--max-seconds", type=float, default=2.0, help="length of a max-rate load (default 2 s)")
+    p.add_argument("--max-connections", type=int, default=200000, help="cap of a max-rate load")
+    p.add_argument("--quick", action="store_true",
+                   help="development: 1 repetition, 8000/s and max with 2 pairs, 1 s loads")
+    p.add_argument("--no-install", action="store_true", help="do not install the comparison tools")
+    p.add_argument("--port-base", type=int, default=20000, help="first server port of the loads")
+    p.add_argument("--probe-port", type=int, default=19999, help="port of the start-up probe")
+    p.add_argument("--keep", action="store_true", help="keep the tracers' raw output (in the work directory)")
+    p.add_argument("--out", default=str(RESULTS), help="where the report goes (default bench/results)")
+    p.add_argument("--render", metavar="JSON", help="print the report of a saved run (bench/results/*.json) and exit")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps = 1
+        args.rates = "8000,max"
+        args.pairs = "2"
+        args.seconds = 1.0
+        args.max_seconds = 1.0
+    args.rates = [r.strip() if r.strip() == "max" else float(r) for r in args.rates.split(",") if r.strip()]
+    args.pairs = [int(x) for x in args.pairs.split(",") if x.strip()]
+    args.others = [] if args.others.strip() == "none" else [o.strip() for o in args.others.split(",")]
+    variants = []
+    for v in args.variant:
+        label, _, command = v.partition("=")
+        if not label or not command or not re.fullmatch(r"[\w.-]+", label):
+            p.error(f"--variant wants LABEL=COMMAND, got {v!r}")
+        variants.append((label, shlex.split(command)))
+    args.variant = variants
+    if args.reps < 1 or not args.rates or not args.pairs:
+        p.error("need at least one repetition, rate and pair count")
+    return args
+
+
+def ensure_environment(args):
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (the tracers load BPF programs): sudo make bench")
+    if not args.no_install and args.others:
+        env = dict(os.environ, PACKAGES=packages())
+        rc = subprocess.run(["sh", str(ROOT / "scripts" / "apt-ensure.sh")], env=env).returncode
+        if rc != 0:
+            say("could not install the comparison tools; going on with what is there")
+    if not os.path.isdir("/sys/kernel/tracing/events"):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], check=False)
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)  # through the finally blocks: tracers stopped, header links removed
+
+
+def rerender(path):
+    """The report of a saved run (its .json), with this version's tables."""
+    with open(path) as f:
+        saved = json.load(f)
+    order = []
+    for name, t in saved["tracers"].items():
+        style = t.get("lost_style") or ("tcptrace" if name.startswith("tcptrace") else "generic")
+        order.append(Tracer(name, t["argv"], t["kind"], t.get("needs_headers", False), style, t["label"]))
+    return render(saved["info"], order, saved["loads"], saved["results"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.render:
+        sys.stdout.write(rerender(args.render))
+        return 0
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
+    ensure_environment(args)
+    registered = tcptrace_tools()
+    tools = args.tool or (["states"] + (["life"] if "life" in registered else []))
+    tracers = []
+    for tool in tools:
+        if tool not in registered:
+            raise SystemExit(f"bench: tcptrace has no tool {tool!r} (it has: {', '.join(registered)})")
+        kind = tool if tool in ROWS_PER_CONNECTION else None
+        tracers.append(Tracer(f"tcptrace-{tool}", tcptrace_command() + [tool], kind, lost_style="tcptrace",
+                              label=f"tcptrace {tool}"))
+        for label, command in args.variant:
+            tracers.append(Tracer(f"tcptrace-{tool}-{label}", command + [tool], kind, lost_style="tcptrace",
+                                  label=f"tcptrace {tool} ({label})"))
+    headers = StockHeaders()
+    others = stock_tracers(args.others)
+    if not headers.usable:
+        others = [t for t in others if not t.needs_headers]
+    tracers += others
+    loads = build_loads(args.rates, args.pairs, args.seconds, args.max_seconds, args.max_connections)
+    order = [BASELINE] + tracers
+    python = sys.executable
+    started = datetime.datetime.now()
+    info = {"date": started.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(),
+            "settings": {"reps": args.reps, "loads": [l["key"] for l in loads], "paced_s": args.seconds,
+                         "max_s": args.max_seconds},
+            "notes": [n for n in [headers.note] if n] + [
+                "losses of the other tools are put on the load during whose window (stderr) or after whose "
+                "rows (stdout, bpftrace) they were reported: per load, approximate"]}
+    say(f"{len(order)} runs x {len(loads)} loads x {args.reps} repetitions: "
+        + ", ".join(t.label for t in order))
+    results = {t.name: [] for t in order}
+    ports = Ports(args.port_base)
+    workdir = tempfile.mkdtemp(prefix="tcptrace-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        for rep in range(args.reps):
+            k = rep % len(order)
+            for tracer in order[k:] + order[:k]:
+                t0 = time.monotonic()
+                entry = {}
+                if tracer.argv:
+                    entry["startup"] = measure_startup(tracer, args.probe_port, headers, workdir)
+                entry.update(run_tracer(tracer, loads, ports, python, headers, workdir, args.keep))
+                results[tracer.name].append(entry)
+                su = entry.get("startup", {}).get("startup")
+                say(f"rep {rep + 1}/{args.reps} {tracer.label}: {time.monotonic() - t0:.0f} s"
+                    + (f", start-up {su:.2f} s" if su else "")
+                    + (f", error: {entry['error']}" if entry.get("error") else "")
+                    + (f", start-up error: {entry['startup']['error']}" if entry.get("startup", {}).get("error") else ""))
+    finally:
+        headers.unlink()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            say(f"raw output kept in {workdir}")
+    info["elapsed_s"] = round((datetime.datetime.now() - started).total_seconds())
+    report = render(info, order, loads, results)
+    sys.stdout.write(report)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, started.strftime("%Y-%m-%d_%H%M%S"))
+    with open(stem + ".md", "w") as f:
+        f.write(report)
+    with open(stem + ".json", "w") as f:
+        json.dump({"info": info, "loads": loads, "results": results,
+                   "tracers": {t.name: {"label": t.label, "kind": t.kind, "argv": t.argv,
+                                        "needs_headers": t.needs_headers, "lost_style": t.lost_style}
+                               for t in order}},
+                  f, indent=1, default=str)
+    say(f"report written to {stem}.md (raw numbers in {stem}.json)")
+    return 0
+
+
+# -- the report ----------------------------------------------------------------
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def spread(values, fmt):
+    """'median (min-max)' of the repetitions."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    m = statistics.median(values)
+    if len(values) == 1:
+        return fmt(m)
+    return f"{fmt(m)} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def load_stat(results, name, key, what):
+    """One number per repetition for one tracer and load."""
+    out = []
+    for rep in results[name]:
+        for entry in rep.get("loads", []):
+            if entry["key"] != key:
+                continue
+            load = entry["load"]
+            if what == "complete":
+                if entry.get("expected"):
+                    out.append(100.0 * entry["rows"] / entry["expected"])
+            elif what == "rate":
+                out.append(load.get("rate"))
+            elif what == "cpu_us":
+                if entry.get("rows"):
+                    out.append(1e6 * entry["cpu_s"] / entry["rows"])
+            elif what == "lost":
+                out.append(entry.get("lost", 0))
+            elif what == "other":
+                out.append(entry.get("other_cpu_pct"))
+            elif what == "accounted":
+                if entry.get("expected") is not None:
+                    missing = entry["expected"] - entry["rows"]
+                    out.append(missing <= entry.get("lost", 0) and entry["rows"] <= entry["expected"])
+    return out
+
+
+def overall_cpu_us(results, name):
+    """Per repetition: tracer CPU over all loads / rows over all loads."""
+    out = []
+    for rep in results[name]:
+        cpu = sum(e.get("cpu_s", 0) for e in rep.get("loads", []))
+        rows = sum(e.get("rows", 0) for e in rep.get("loads", []))
+        if rows:
+            out.append(1e6 * cpu / rows)
+    return out
+
+
+def pct(v):
+    return f"{v:.1f} %" if v < 99.95 or v > 100.0 else f"{v:.2f} %" if v < 100.0 else "100 %"
+
+
+def render(info, order, loads, results):
+    m = info["machine"]
+    v = info["versions"]
+    tracers = [t for t in order if t.argv]
+    lines = [
+        f"# tcptrace benchmark, {info['date']}",
+        "",
+        f"- machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_mib']} MiB memory, kernel {m['kernel']}",
+        f"- tcptrace {v.get('tcptrace')}, bcc {v.get('python3-bpfcc')}, bpftrace {v.get('bpftrace')}",
+        f"- {info['settings']['reps']} repetitions, interleaved with a no-tracer baseline; loads "
+        f"(rate conn/s / client-server pairs): {', '.join(info['settings']['loads'])}; paced loads "
+        f"{info['settings']['paced_s']} s, max-rate loads {info['settings']['max_s']} s; "
+        f"{info.get('elapsed_s', '?')} s in all",
+        "- values are medians over the repetitions, (min-max) when they differ",
+        "- tracer CPU is the scheduler's run time of the tracer's threads (what utime+stime count, without "
+        "10 ms tick sampling), over the load and until the tracer has drained its buffer",
+        "- stock bcc tools ran on Debian's 6.1 headers (linked only while they started): "
+        "tcplife's TX_KB/RX_KB are unreliable then (wrong struct offsets); rows are still counted",
+        "- the bpftrace one-liner prints pid, comm, IPv4 addresses, ports and numeric states",
+    ]
+    lines.append("- tracers ran without " + ", ".join(SCRUBBED_ENV) + " from the calling environment")
+    lines += [f"- {n}" for n in info.get("notes", [])]
+    lines.append("")
+
+    # Summary: one line per tool.
+    keys = [l["key"] for l in loads]
+    headline = [k for k in ("8000/2", "max/2", "max/4", "max/8") if k in keys]
+    lines += ["## Summary", ""]
+    head = ["tool", "start-up to first event", "peak RSS"] + [f"complete at {k}" for k in headline] + [
+        "tracer CPU per row (= ms per 1000 rows)", "losses reported"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for t in tracers:
+        reps = results[t.name]
+        su = [r.get("startup", {}).get("startup") for r in reps]
+        rss = [max(r.get("rss_kib", 0), r.get("startup", {}).get("rss_kib", 0)) / 1024 or None for r in reps]
+        row = [t.label, spread(su, lambda x: f"{x:.2f} s"), spread(rss, lambda x: f"{x:.0f} MiB")]
+        for k in headline:
+            row.append(spread(load_stat(results, t.name, k, "complete"), pct))
+        row.append(spread(overall_cpu_us(results, t.name), lambda x: f"{x:.1f} us"))
+        lost = sum(e.get("lost", 0) for r in reps for e in r.get("loads", []))
+        if t.lost_style == "tcptrace":
+            acc = [a for l in keys for a in load_stat(results, t.name, l, "accounted")]
+            row.append(f"{lost}; {'all missing rows reported' if all(acc) else 'NOT all missing rows reported'}")
+        else:
+            row.append(str(lost))
+        lines.append("| " + " | ".join(row) + " |")
+    errors = [(t.label, i + 1, r.get("error") or r.get("startup", {}).get("error"))
+              for t in tracers for i, r in enumerate(results[t.name])
+              if r.get("error") or r.get("startup", {}).get("error")]
+    for label, rep, err in errors:
+        lines.append(f"\n- {label}, repetition {rep}: {err}")
+    lines.append("")
+
+    # Completeness per load.
+    lines += ["## Completeness per load (rows seen / expected; lost = losses the tool reported)", ""]
+    head = ["load", "conn/s without tracer"] + [t.label for t in tracers]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for k in keys:
+        row = [k, spread(load_stat(results, "none", k, "rate"), lambda x: f"{x:.0f}")]
+        for t in tracers:
+            c = load_stat(results, t.name, k, "complete")
+            lost = load_stat(results, t.name, k, "lost")
+            cell = spread(c, pct)
+            if any(lost):
+                cell += f", lost {int(median(lost))}"
+            if t.lost_style == "tcptrace":
+                acc = load_stat(results, t.name, k, "accounted")
+                if acc and not all(acc):
+                    cell += " UNACCOUNTED"
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+    # Load slowdown.
+    lines += ["## Load rate achieved (conn/s) and slowdown against no tracer", ""]
+    head = ["load", "no tracer"] + [t.label for t in tracers]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for k in keys:
+        base = median(load_stat(results, "none", k, "rate"))
+        row = [k, f"{base:.0f}" if base else "-"]
+        for t in tracers:
+            r = median(load_stat(results, t.name, k, "rate"))
+            if r and base:
+                row.append(f"{r:.0f} (x{base / r:.2f})")
+            else:
+                row.append("-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+    # CPU per row.
+    lines += ["## Tracer CPU per row (run time of the tracer during a load and its drain / rows of the load)", ""]
+    head = ["load"] + [t.label for t in tracers]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for k in keys:
+        row = [k] + [spread(load_stat(results, t.name, k, "cpu_us"), lambda x: f"{x:.1f} us") for t in tracers]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines += ["## Noise: other processes' CPU during each load (% of the machine)", "",
+              "Busy user+system time of the machine minus the tracer, the load generator and this harness; "
+              "other engineers' test runs show up here.", ""]
+    head = ["load"] + [t.label for t in order]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for k in keys:
+        row = [k] + [spread(load_stat(results, t.name, k, "other"), lambda x: f"{x:.0f} %") for t in order]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    noise = {t.label: [r.get("other_rows", 0) for r in results[t.name]] for t in tracers}
+    lines.append("Rows for other traffic during the runs (noise from other processes, and the tools' own): "
+                 + "; ".join(f"{k}: {'/'.join(str(x) for x in v)}" for k, v in noise.items()))
+    lines.append("")
+
+    lines += targets(tracers, results, keys)
+    return "\n".join(lines) + "\n"
+
+
+def targets(tracers, results, keys):
+    """The issue's targets for each tcptrace tool, against this run."""
+    out = ["## Targets", "", "| tool | target | measured | met |", "|---|---|---|---|"]
+    by_name = {t.name: t for t in tracers}
+    for t in tracers:
+        if t.lost_style != "tcptrace":
+            continue
+        twin = by_name.get(BCC_TWIN.get(t.kind, ""))
+        reps = results[t.name]
+
+        def add(target, measured, ok):
+            out.append(f"| {t.label} | {target} | {measured} | {'yes' if ok else 'NO' if ok is not None else '-'} |")
+
+        su = median([r.get("startup", {}).get("startup") for r in reps])
+        add("start-up <= 0.6 s (median)", f"{su:.2f} s" if su else "-", su is not None and su <= 0.6)
+        rss = median([max(r.get("rss_kib", 0), r.get("startup", {}).get("rss_kib", 0)) for r in reps])
+        if twin:
+            trss = median([max(r.get("rss_kib", 0), r.get("startup", {}).get("rss_kib", 0))
+                           for r in results[twin.name]])
+            ok = bool(rss and trss) and rss <= 0.6 * trss
+            add(f"peak RSS <= 0.6 x {twin.label}", f"{rss / 1024:.0f} MiB = {rss / trss:.2f} x" if trss else "-",
+                ok if trss else None)
+        for k in keys:
+            if k.startswith("8000/") or k == "max/2":
+                c = median(load_stat(results, t.name, k, "complete"))
+                add(f">= 99.9 % at {k}", pct(c) if c is not None else "-", c is not None and c >= 99.9)
+        for k in keys:
+            if k.startswith("max/") and k != "max/2":
+                c = median(load_stat(results, t.name, k, "complete"))
+                best = [(median(load_stat(results, o.name, k, "complete")), o.label)
+                        for o in tracers if o.lost_style != "tcptrace" and o.kind == t.kind]
+                best = [b for b in best if b[0] is not None]
+                if best and c is not None:
+                    b = max(best)
+                    add(f"at {k} as complete as the best other tool", f"{pct(c)} vs {pct(b[0])} ({b[1]})",
+                        c >= b[0])
+        acc = [a for k in keys for a in load_stat(results, t.name, k, "accounted")]
+        add("every loss counted and reported", f"{sum(acc)}/{len(acc)} loads add up", bool(acc) and all(acc))
+        cpu = median(overall_cpu_us(results, t.name))
+        if twin:
+            bcpu = median(overall_cpu_us(results, twin.name))
+            if cpu and bcpu:
+                add(f"CPU per event <= 0.5 x {twin.label}", f"{cpu:.1f} us = {cpu / bcpu:.2f} x", cpu <= 0.5 * bcpu)
+    out.append("")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
