@@ -35,6 +35,9 @@ test-unit: venv
 bench: test-deps
 	$(VENV)/bin/python bench/run.py $(ARGS)
 
+soak: test-deps
+	$(VENV)/bin/python bench/soak.py $(ARGS)
+
 deps:
 	@PACKAGES="$(RUN_PACKAGES)" sh scripts/apt-ensure.sh
 	@$(MAKE) --no-print-directory venv
