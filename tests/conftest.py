@@ -79,7 +79,8 @@ def pytest_sessionfinish(session, exitstatus):
             shown = distinct[0] if len(distinct) == 1 else "; ".join(distinct)
             if len(results) > 1 and len(distinct) == 1:
                 shown += f" (all {len(results)} subcommands)"
-            out.append(f"| {tried} | {shown} |".replace("\n", " "))
+            cells = [c.replace("|", "\\|").replace("\n", " ") for c in (tried, shown)]
+            out.append(f"| {cells[0]} | {cells[1]} |")
         out.append("")
     with open(path, "w") as f:
         f.write("\n".join(out))

@@ -150,3 +150,32 @@ def test_full_disk_stdout(bpf, report):
     assert proc.returncode == errors.EXIT_FAILURE, err
     assert "Traceback" not in err and "cannot write the output (No space left on device)" in err
     report("Faults", "stdout on a full device (/dev/full)", f"exit {proc.returncode}: {one_sentence(err)}")
+
+
+def test_verifier_rejection(bpf, report, monkeypatch):
+    """A program the kernel's verifier refuses (here: a read past the end of
+    the tracepoint record) ends in one sentence and exit status 8."""
+    import io
+    from dataclasses import replace
+
+    from tcptrace import codegen, runtime
+    from tcptrace.tools import states
+
+    good = codegen.bpf_source
+
+    def source(name):
+        text = good(name)
+        if name == "states.bpf.c":
+            text = text.replace("\tu64 skaddr = args->skaddr;",
+                                "\tu64 skaddr = *(u64 *)((char *)args + 4096);")
+        return text
+
+    monkeypatch.setattr(codegen, "bpf_source", source)
+    session = runtime.Session(replace(states.SPEC), runtime.RunOptions(), None, err=io.StringIO())
+    with pytest.raises(errors.BuildError) as caught:
+        session.open()
+    session.close()
+    assert caught.value.exit_code == errors.EXIT_BUILD_FAILED
+    assert "verifier" in str(caught.value) and "sock:inet_sock_set_state" in str(caught.value)
+    report("Faults", "a program the verifier rejects (a read past the tracepoint record)",
+           f"exit {caught.value.exit_code}: tcptrace: {caught.value}")
