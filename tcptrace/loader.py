@@ -1,0 +1,877 @@
+"""Load a program bcc compiled once, again, without bcc.
+
+Compiling with bcc costs about 0.3 s and 85 MiB of LLVM and clang pages per
+run, for a result that only changes with the program text, the kernel and
+bcc. So the first run keeps what the kernel was given (each function's
+bytecode, the maps it names, the license) and later runs hand the same
+bytes to the kernel through the bpf() and perf_event_open() system calls,
+called through libc's syscall(): no libbcc, no libbpf, no LLVM.
+
+bcc puts each map's fd into the bytecode as it compiles (ld_imm64 with
+src_reg BPF_PSEUDO_MAP_FD and imm = the fd): capture() turns those into
+relocations by map name, and Loaded writes the new maps' fds back in.
+
+Only what tcptrace's programs use is supported: tracepoint programs; hash,
+LRU hash, array, their per-CPU kinds and the ring buffer. Anything else is
+refused when captured (Unsupported), so the caller keeps bcc for it.
+"""
+
+import base64
+import binascii
+import ctypes
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import stat
+import struct
+import sys
+from dataclasses import dataclass, field
+
+from .errors import BuildError, TcptraceError
+
+FORMAT = 1  # of Compiled's JSON; a change of shape must change it (it is in the cache key)
+
+# (bpf, perf_event_open) by machine; both are little-endian, which the
+# instruction parsing below assumes.
+SYSCALLS = {"x86_64": (321, 298), "aarch64": (280, 241)}
+
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+
+BPF_ANY = 0  # update flags: create or replace
+BPF_NOEXIST = 1  # create only: EEXIST when the kernel got there first
+BPF_EXIST = 2  # replace only
+BPF_PROG_TYPE_TRACEPOINT = 5
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_MAP_TYPE_RINGBUF = 27
+MAP_TYPES = {
+    BPF_MAP_TYPE_HASH: "hash",
+    BPF_MAP_TYPE_ARRAY: "array",
+    BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash",
+    BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
+    BPF_MAP_TYPE_LRU_HASH: "lru_hash",
+    BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
+    BPF_MAP_TYPE_RINGBUF: "ringbuf",
+}
+PERCPU_TYPES = (BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH)
+
+INSN_SIZE = 8
+LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two slots, the second with opcode 0
+CALL = 0x85
+BPF_PSEUDO_MAP_FD = 1
+BPF_PSEUDO_CALL = 1  # a call to a function in the same instructions: relative, needs nothing
+_INSN = struct.Struct("<BBhi")
+
+OBJ_NAME_LEN = 16
+PERF_TYPE_TRACEPOINT = 2
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_SET_BPF = 0x40042408
+ENOTSUPP = 524  # the kernel's own "not supported", which leaks to user space from bpf()
+
+LOG_SIZES = (1 << 20, 1 << 24)  # verifier log buffers tried, the second when the first is full
+VERIFIER_LOG_TAIL = 12  # lines of the log put in the error message; all of it stays in .log
+
+
+class LoaderError(BuildError):
+    """The saved program could not be loaded or attached: use bcc instead."""
+
+
+class VerifierError(LoaderError):
+    """The kernel refused a program; .log is the verifier's whole log."""
+
+    def __init__(self, message, log=""):
+        super().__init__(message)
+        self.log = log
+
+
+class Unsupported(LoaderError):
+    """The program uses something this loader cannot reproduce."""
+
+
+class CacheError(TcptraceError):
+    """A cache file that must not be used: unsafe ownership or mode, or unreadable."""
+
+
+def supported():
+    """True where this loader knows the system call numbers."""
+    return platform.machine() in SYSCALLS and sys.byteorder == "little"
+
+
+# -- what is kept --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class ProgSpec:
+    name: str
+    insns: bytes  # the map fds zeroed: the same program gives the same bytes
+    relocs: tuple = ()  # (instruction index, map name)
+
+
+@dataclass
+class Compiled:
+    maps: list
+    programs: list
+    license: str = "GPL"
+    kern_version: int = 0
+    prog_type: int = BPF_PROG_TYPE_TRACEPOINT
+    origin: dict = field(default_factory=dict)  # bcc version, kernel, machine: for people, not checked
+
+    def program(self, name):
+        for prog in self.programs:
+            if prog.name == name:
+                return prog
+        raise KeyError(name)
+
+    def to_json(self):
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "license": self.license,
+                "kern_version": self.kern_version,
+                "prog_type": self.prog_type,
+                "origin": self.origin,
+                "maps": [
+                    {"name": m.name, "type": m.type, "key_size": m.key_size, "value_size": m.value_size,
+                     "max_entries": m.max_entries, "flags": m.flags}
+                    for m in self.maps
+                ],
+                "programs": [
+                    {"name": p.name, "insns": base64.b64encode(p.insns).decode(),
+                     "relocs": [[i, name] for i, name in p.relocs]}
+                    for p in self.programs
+                ],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text):
+        """The inverse of to_json(); ValueError for anything malformed, so a
+        damaged cache never reaches the kernel half-read."""
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}, not {FORMAT}")
+            maps = [
+                MapSpec(str(m["name"]), int(m["type"]), int(m["key_size"]), int(m["value_size"]),
+                        int(m["max_entries"]), int(m["flags"]))
+                for m in doc["maps"]
+            ]
+            programs = [
+                ProgSpec(str(p["name"]), base64.b64decode(p["insns"], validate=True),
+                         tuple((int(i), str(name)) for i, name in p["relocs"]))
+                for p in doc["programs"]
+            ]
+            compiled = cls(maps, programs, str(doc["license"]), int(doc["kern_version"]),
+                           int(doc["prog_type"]), dict(doc.get("origin") or {}))
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, binascii.Error) as e:
+            raise ValueError(f"not a saved program ({e.__class__.__name__}: {e})") from None
+        compiled.check()
+        return compiled
+
+    def check(self):
+        names = [m.name for m in self.maps]
+        if len(set(names)) != len(names):
+            raise ValueError("two maps share a name")
+        for m in self.maps:
+            if m.type not in MAP_TYPES:
+                raise ValueError(f"map {m.name} has type {m.type}, which this loader does not create")
+        for prog in self.programs:
+            count = len(prog.insns) // INSN_SIZE
+            if not prog.insns or len(prog.insns) % INSN_SIZE:
+                raise ValueError(f"{prog.name}: {len(prog.insns)} bytes is not a whole number of instructions")
+            for index, name in prog.relocs:
+                if name not in names:
+                    raise ValueError(f"{prog.name} refers to map {name}, which is not kept")
+                if not 0 <= index < count - 1:
+                    raise ValueError(f"{prog.name}: relocation at {index} is outside the program")
+                op, regs, _off, _imm = _INSN.unpack_from(prog.insns, index * INSN_SIZE)
+                if op != LD_IMM64 or regs >> 4 != BPF_PSEUDO_MAP_FD:
+                    raise ValueError(f"{prog.name}: relocation at {index} is not a map load")
+
+
+def relocations(insns, fd_names):
+    """(the instructions with every map fd zeroed, ((index, map name), ...)).
+
+    fd_names maps each of the compiling process's map fds to its name. A map
+    reference by anything but fd (a map value, an index into fd_array), a
+    kfunc call or an unknown fd is refused: those would need more than an fd
+    written back."""
+    if len(insns) % INSN_SIZE:
+        raise Unsupported(f"{len(insns)} bytes is not a whole number of BPF instructions")
+    out = bytearray(insns)
+    relocs = []
+    count = len(insns) // INSN_SIZE
+    index = 0
+    while index < count:
+        op, regs, off, imm = _INSN.unpack_from(insns, index * INSN_SIZE)
+        src = regs >> 4
+        if op == LD_IMM64:
+            if index + 1 >= count:
+                raise Unsupported(f"a 64-bit load at {index} has no second half")
+            if src == BPF_PSEUDO_MAP_FD:
+                if imm not in fd_names:
+                    raise Unsupported(f"instruction {index} refers to fd {imm}, which is none of the maps")
+                relocs.append((index, fd_names[imm]))
+                _INSN.pack_into(out, index * INSN_SIZE, op, regs, off, 0)
+            elif src != 0:
+                raise Unsupported(f"instruction {index} is a 64-bit load of kind {src}, which needs more than a map fd")
+            index += 2
+            continue
+        if op == CALL and src not in (0, BPF_PSEUDO_CALL):
+            raise Unsupported(f"instruction {index} calls a kernel function by BTF id")
+        index += 1
+    return bytes(out), tuple(relocs)
+
+
+# -- system calls --------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _syscall():
+    if not supported():
+        raise Unsupported(f"the BPF loader does not know the system calls of {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    func = libc.syscall
+    func.restype = ctypes.c_long
+    return func
+
+
+def _call(number, *args):
+    result = _syscall()(ctypes.c_long(number), *args)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err) if err != ENOTSUPP else "operation not supported")
+    return result
+
+
+def bpf(cmd, attr):
+    """bpf(cmd, &attr, sizeof attr); the new fd or 0, OSError on failure."""
+    return _call(SYSCALLS[platform.machine()][0], ctypes.c_long(cmd), ctypes.byref(attr),
+                 ctypes.c_long(ctypes.sizeof(attr)))
+
+
+def _with_memlock(call):
+    """Kernels before 5.11 charge maps and programs to RLIMIT_MEMLOCK, whose
+    default (64 KiB) a ring buffer alone exceeds: raise it once, as bcc does."""
+    try:
+        return call()
+    except PermissionError:
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        except (ValueError, OSError):
+            raise PermissionError(errno.EPERM, "operation not permitted (and RLIMIT_MEMLOCK cannot be raised)")
+        return call()
+
+
+_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [("map_type", _u32), ("key_size", _u32), ("value_size", _u32), ("max_entries", _u32),
+                ("map_flags", _u32), ("inner_map_fd", _u32), ("numa_node", _u32),
+                ("map_name", ctypes.c_char * OBJ_NAME_LEN)]
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", _u32), ("key", _u64), ("value", _u64), ("flags", _u64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", _u64), ("out_batch", _u64), ("keys", _u64), ("values", _u64),
+                ("count", _u32), ("map_fd", _u32), ("elem_flags", _u64), ("flags", _u64)]
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [("prog_type", _u32), ("insn_cnt", _u32), ("insns", _u64), ("license", _u64),
+                ("log_level", _u32), ("log_size", _u32), ("log_buf", _u64), ("kern_version", _u32),
+                ("prog_flags", _u32), ("prog_name", ctypes.c_char * OBJ_NAME_LEN)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", _u32), ("info_len", _u32), ("info", _u64)]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [("type", _u32), ("id", _u32), ("key_size", _u32), ("value_size", _u32),
+                ("max_entries", _u32), ("map_flags", _u32), ("name", ctypes.c_char * OBJ_NAME_LEN)]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8)]
+
+
+class _PerfEventAttr(ctypes.Structure):
+    _fields_ = [("type", _u32), ("size", _u32), ("config", _u64), ("sample_period", _u64),
+                ("sample_type", _u64), ("read_format", _u64), ("flags", _u64),
+                ("wakeup_events", _u32), ("bp_type", _u32), ("config1", _u64)]
+
+
+PERF_ATTR_DISABLED = 1  # bit 0 of the flags word
+
+
+def _addr(buf):
+    return ctypes.addressof(buf) if buf is not None else 0
+
+
+def _info(fd, info):
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info
+
+
+def map_info(fd):
+    """The kernel's own description of the map behind fd: exact, whatever
+    the compiler believed."""
+    return _info(fd, _MapInfo())
+
+
+def prog_id(fd):
+    return _info(fd, _ProgInfo()).id
+
+
+def parse_cpu_list(text):
+    """How many CPUs a list such as '0-3,8' names."""
+    count = 0
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+@functools.lru_cache(maxsize=1)
+def possible_cpus():
+    """The kernel sizes per-CPU values by the possible CPUs, not the online ones."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        return parse_cpu_list(f.read())
+
+
+# -- from bcc ------------------------------------------------------------------
+
+
+def _bcc_lib(bpf_object):
+    """libbcc as the bcc module that made bpf_object loaded it, or None: the
+    object is duck-typed, so bcc is found through it, never imported here."""
+    module = sys.modules.get(type(bpf_object).__module__.split(".")[0])
+    return getattr(module, "lib", None)
+
+
+def bcc_table_names(bpf_object):
+    """Every table the module declares, used by the code or not: the caller
+    may fill a map no instruction names (a filter the compiler dropped)."""
+    lib = _bcc_lib(bpf_object)
+    if lib is None or not hasattr(bpf_object, "module"):
+        raise Unsupported("the tables of this BPF object cannot be listed: pass map_names")
+    # Private handles on the same (already loaded) library: bcc's own ctypes
+    # prototypes stay as bcc set them.
+    own = ctypes.CDLL(lib._name)
+    own.bpf_num_tables.restype = ctypes.c_size_t
+    own.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    own.bpf_table_name.restype = ctypes.c_char_p
+    own.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return [own.bpf_table_name(bpf_object.module, i).decode() for i in range(own.bpf_num_tables(bpf_object.module))]
+
+
+def capture(bpf_object, function_names, map_names=None):
+    """What the kernel needs to load bpf_object's functions again, bcc gone.
+
+    bpf_object is a bcc.BPF (not imported here: the caller has it); its
+    maps are described by the kernel (BPF_OBJ_GET_INFO_BY_FD on each fd), its
+    functions' bytecode comes from dump_func(). Call it before cleanup()."""
+    if map_names is None:
+        map_names = bcc_table_names(bpf_object)
+    maps, fd_names = [], {}
+    for name in map_names:
+        fd = bpf_object[name.encode()].map_fd
+        info = map_info(fd)
+        if info.type not in MAP_TYPES:
+            raise Unsupported(f"map {name} is of type {info.type}, which the BPF loader does not create")
+        maps.append(MapSpec(name, info.type, info.key_size, info.value_size, info.max_entries, info.map_flags))
+        fd_names[fd] = name
+    programs = []
+    for fname in function_names:
+        name = fname.decode() if isinstance(fname, bytes) else fname
+        try:
+            code = bpf_object.dump_func(name.encode())
+        except Exception as e:  # bcc raises a bare Exception for an unknown function
+            raise Unsupported(f"the function {name} has no bytecode to keep ({e})") from None
+        insns, relocs = relocations(code, fd_names)
+        programs.append(ProgSpec(name, insns, relocs))
+    lib = _bcc_lib(bpf_object)
+    license, kern_version = "GPL", 0
+    if lib is not None and hasattr(bpf_object, "module"):
+        license = (lib.bpf_module_license(bpf_object.module) or b"GPL").decode()
+        kern_version = int(lib.bpf_module_kern_version(bpf_object.module))
+    module = sys.modules.get(type(bpf_object).__module__.split(".")[0])
+    origin = {"bcc": getattr(module, "__version__", "unknown"), "kernel": os.uname().release,
+              "machine": platform.machine()}
+    compiled = Compiled(maps, programs, license, kern_version, origin=origin)
+    compiled.check()
+    return compiled
+
+
+# -- loaded --------------------------------------------------------------------
+
+
+class Map:
+    """One map, by raw bytes: keys of key_size, values of value_size (per-CPU
+    maps: value_len, every possible CPU's value padded to 8 bytes)."""
+
+    def __init__(self, spec, fd):
+        self.spec = spec
+        self.name = spec.name
+        self.fd = fd
+        self.key_size = spec.key_size
+        self.value_size = spec.value_size
+        self.max_entries = spec.max_entries
+        self.percpu = spec.type in PERCPU_TYPES
+        self.stride = (spec.value_size + 7) & ~7
+        self.value_len = possible_cpus() * self.stride if self.percpu else spec.value_size
+
+    def _key(self, key):
+        # The kernel reads key_size bytes from whatever it is given: a short
+        # key would hand it the bytes after it.
+        if len(key) != self.key_size:
+            raise ValueError(f"{self.name}: a key is {self.key_size} bytes, not {len(key)}")
+        return ctypes.create_string_buffer(bytes(key), self.key_size)
+
+    def _elem(self, cmd, key, value=None, flags=0):
+        attr = _ElemAttr(map_fd=self.fd, key=_addr(key), value=_addr(value), flags=flags)
+        return bpf(cmd, attr)
+
+    def lookup(self, key):
+        """The value's bytes, or None when the key is absent."""
+        value = ctypes.create_string_buffer(self.value_len)
+        try:
+            self._elem(BPF_MAP_LOOKUP_ELEM, self._key(key), value)
+        except FileNotFoundError:
+            return None
+        return value.raw
+
+    def update(self, key, value, flags=BPF_ANY):
+        if len(value) != self.value_len:
+            raise ValueError(f"{self.name}: a value is {self.value_len} bytes, not {len(value)}")
+        self._elem(BPF_MAP_UPDATE_ELEM, self._key(key), ctypes.create_string_buffer(bytes(value), self.value_len),
+                   flags)
+
+    def delete(self, key):
+        """False when the key was absent."""
+        try:
+            self._elem(BPF_MAP_DELETE_ELEM, self._key(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def __contains__(self, key):
+        return self.lookup(key) is not None
+
+    def keys(self):
+        """Every key, each once. A hash map whose current key is deleted
+        under us starts over from its first key: the seen set keeps keys
+        from repeating and the bound on calls keeps a busy map from holding
+        us forever (keys added meanwhile may then be missed)."""
+        out, seen = [], set()
+        key = None
+        nxt = ctypes.create_string_buffer(self.key_size)
+        for _ in range(2 * self.max_entries + 1):
+            try:
+                self._elem(BPF_MAP_GET_NEXT_KEY, key, nxt)
+            except FileNotFoundError:
+                break
+            raw = nxt.raw
+            if raw not in seen:
+                seen.add(raw)
+                out.append(raw)
+            key = ctypes.create_string_buffer(raw, self.key_size)
+        return out
+
+    def items(self):
+        """(key, value) pairs; a key deleted between listing and lookup is left out."""
+        out = []
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                out.append((key, value))
+        return out
+
+    def values(self, key):
+        """A per-CPU map's value for key, one bytes of value_size per
+        possible CPU; None when absent."""
+        raw = self.lookup(key)
+        if raw is None:
+            return None
+        if not self.percpu:
+            return [raw]
+        return [raw[i : i + self.value_size] for i in range(0, len(raw), self.stride)]
+
+    def sum(self, key):
+        """The sum over CPUs of an unsigned value (a per-CPU counter); 0 when absent."""
+        return sum(int.from_bytes(v, sys.byteorder) for v in self.values(key) or ())
+
+    def pop_all(self, batch=True):
+        """Every (key, value), each removed from the map: one batch call per
+        chunk where the kernel has them (5.6+), else lookup and delete one by
+        one (an update between the two is then lost, as with bcc's fallback)."""
+        if batch:
+            try:
+                return self._pop_batch()
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP, errno.ENOSYS):
+                    raise
+        out = []
+        for key, value in self.items():
+            if self.delete(key):
+                out.append((key, value))
+        return out
+
+    def _pop_batch(self):
+        out = []
+        chunk = min(self.max_entries, 1024)
+        token_len = max(self.key_size, 8)  # hash maps page by bucket (a u32), arrays by key
+        tokens = [ctypes.create_string_buffer(token_len), ctypes.create_string_buffer(token_len)]
+        first = True
+        while True:
+            keys = ctypes.create_string_buffer(chunk * self.key_size)
+            values = ctypes.create_string_buffer(chunk * self.value_len)
+            attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(tokens[0]),
+                              out_batch=ctypes.addressof(tokens[1]), keys=ctypes.addressof(keys),
+                              values=ctypes.addressof(values), count=chunk, map_fd=self.fd)
+            done = False
+            try:
+                bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr)
+            except FileNotFoundError:
+                done = True  # the last chunk: attr.count says how many it holds
+            except OSError as e:
+                if e.errno == errno.ENOSPC and chunk < self.max_entries:
+                    # One hash bucket holds more than a chunk: nothing was taken.
+                    chunk = min(self.max_entries, chunk * 4)
+                    continue
+                raise
+            kraw, vraw = keys.raw, values.raw
+            for i in range(attr.count):
+                out.append((kraw[i * self.key_size : (i + 1) * self.key_size],
+                            vraw[i * self.value_len : (i + 1) * self.value_len]))
+            if done:
+                return out
+            first = False
+            tokens.reverse()
+
+    def clear(self):
+        for key in self.keys():
+            self.delete(key)
+
+    def __repr__(self):
+        return f"Map({self.name!r}, {MAP_TYPES.get(self.spec.type, self.spec.type)}, fd={self.fd})"
+
+
+class Loaded:
+    """A Compiled program in the kernel: maps created, functions loaded,
+    attached on request. close() (or the with-block's end) closes every fd,
+    which detaches and frees everything."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.maps = {}
+        self.programs = {}  # function name -> program fd
+        self.attached = []  # (tracepoint, function, perf event fd)
+        try:
+            for spec in compiled.maps:
+                self.maps[spec.name] = Map(spec, self._create_map(spec))
+            for prog in compiled.programs:
+                self.programs[prog.name] = self._load(prog)
+        except BaseException:
+            self.close()
+            raise
+
+    def __getitem__(self, name):
+        return self.maps[name]
+
+    def __contains__(self, name):
+        return name in self.maps
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    @staticmethod
+    def _create_map(spec):
+        attr = _MapCreateAttr(map_type=spec.type, key_size=spec.key_size, value_size=spec.value_size,
+                              max_entries=spec.max_entries, map_flags=spec.flags,
+                              map_name=_obj_name(spec.name))
+        try:
+            return _with_memlock(lambda: bpf(BPF_MAP_CREATE, attr))
+        except OSError as e:
+            raise LoaderError(f"creating the BPF map {spec.name} failed ({e.strerror}).") from None
+
+    def _load(self, prog):
+        insns = ctypes.create_string_buffer(prog.insns, len(prog.insns))
+        for index, name in prog.relocs:
+            struct.pack_into("<i", insns, index * INSN_SIZE + 4, self.maps[name].fd)
+        license = ctypes.create_string_buffer(self.compiled.license.encode())
+
+        def load(log=None):
+            attr = _ProgLoadAttr(prog_type=self.compiled.prog_type, insn_cnt=len(prog.insns) // INSN_SIZE,
+                                 insns=ctypes.addressof(insns), license=ctypes.addressof(license),
+                                 kern_version=self.compiled.kern_version, prog_name=_obj_name(prog.name))
+            if log is not None:
+                attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+            return _with_memlock(lambda: bpf(BPF_PROG_LOAD, attr))
+
+        try:
+            return load()
+        except OSError as first:
+            failure = first
+        # Again with a log, only now: asking for one makes the verifier
+        # slower and a full buffer alone fails the load (ENOSPC).
+        log = None
+        for size in LOG_SIZES:
+            log = ctypes.create_string_buffer(size)
+            try:
+                fd = load(log)
+            except OSError as e:
+                failure = e
+                if e.errno == errno.ENOSPC:
+                    continue
+                break
+            return fd  # a transient failure the second time did not repeat
+        text = log.value.decode(errors="replace") if log is not None else ""
+        tail = "\n".join(text.strip().splitlines()[-VERIFIER_LOG_TAIL:])
+        if not tail:  # refused before the verifier ran: privileges, limits, a bad attribute
+            raise LoaderError(f"loading the BPF program {prog.name} failed ({failure.strerror}).") from None
+        raise VerifierError(
+            f"the kernel's verifier refused the BPF program {prog.name} ({failure.strerror}); its log ends:\n{tail}",
+            text,
+        ) from None
+
+    def attach_tracepoint(self, tracefs_root, tracepoint, function):
+        """Run function at tracepoint ('category:name'). The perf event is
+        opened on CPU 0 for any task, but a program attached to a tracepoint
+        runs wherever the tracepoint fires, on every CPU."""
+        category, _, name = tracepoint.partition(":")
+        if not category or not name or "/" in tracepoint or ".." in tracepoint:
+            raise ValueError(f"not a tracepoint name: {tracepoint!r}")
+        prog_fd = self.programs[function]
+        try:
+            with open(os.path.join(tracefs_root, "events", category, name, "id")) as f:
+                tp_id = int(f.read())
+        except (OSError, ValueError) as e:
+            raise LoaderError(f"the tracepoint {tracepoint} has no readable id in {tracefs_root} ({e}).") from None
+        attr = _PerfEventAttr(type=PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=tp_id,
+                              sample_period=1, wakeup_events=1, flags=PERF_ATTR_DISABLED)
+        try:
+            pfd = _call(SYSCALLS[platform.machine()][1], ctypes.byref(attr), ctypes.c_long(-1), ctypes.c_long(0),
+                        ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))
+        except OSError as e:
+            raise LoaderError(f"opening a perf event for {tracepoint} failed ({e.strerror}).") from None
+        try:
+            fcntl.ioctl(pfd, PERF_EVENT_IOC_SET_BPF, prog_fd)
+            fcntl.ioctl(pfd, PERF_EVENT_IOC_ENABLE, 0)
+        except OSError as e:
+            os.close(pfd)
+            raise LoaderError(f"attaching {function} to {tracepoint} failed ({e.strerror}).") from None
+        self.attached.append((tracepoint, function, pfd))
+
+    def prog_ids(self):
+        """Function name -> the kernel's program id (what bpftool shows)."""
+        return {name: prog_id(fd) for name, fd in self.programs.items()}
+
+    def map_ids(self):
+        return {name: map_info(m.fd).id for name, m in self.maps.items()}
+
+    def close(self):
+        # The perf events first, so tracing stops at once; the kernel frees
+        # each program and map when its last reference goes, in any order.
+        for _tp, _fn, pfd in self.attached:
+            _close(pfd)
+        self.attached = []
+        for fd in self.programs.values():
+            _close(fd)
+        self.programs = {}
+        for m in self.maps.values():
+            _close(m.fd)
+            m.fd = -1
+        self.maps = {}
+
+
+def _close(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _obj_name(name):
+    """The kernel's object name: up to 15 of [A-Za-z0-9_.], else none at all
+    (a bad name fails the whole call)."""
+    short = name[: OBJ_NAME_LEN - 1]
+    return short.encode() if re.fullmatch(r"[A-Za-z0-9_.]*", short) else b""
+
+
+# -- the cache -----------------------------------------------------------------
+
+
+def cache_key(text, release, bcc_version, uname_version=None, machine=None):
+    """What the bytecode depends on: the program text (every option and
+    offset is in it), the kernel it was built for and runs on, bcc, and
+    this file's format."""
+    parts = (
+        f"tcptrace-loader {FORMAT}",
+        release,
+        uname_version if uname_version is not None else os.uname().version,
+        machine or platform.machine(),
+        bcc_version,
+        text,
+    )
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode()
+        digest.update(len(data).to_bytes(8, "little"))  # no two splits of one string collide
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def cache_path(text, release, bcc_version, directory=None, uname_version=None):
+    from . import btf
+
+    return os.path.join(directory or btf.cache_dir(),
+                        f"prog-{cache_key(text, release, bcc_version, uname_version)[:40]}.json")
+
+
+def trusted(st, euid=None, directory=False):
+    """Why a file (or directory) with this stat may not be trusted, or None.
+
+    The cache holds code this process loads into the kernel as root: only
+    root or this user may own it, and nobody else may write it. A directory
+    others may write into is fine only with the sticky bit (as /tmp)."""
+    euid = os.geteuid() if euid is None else euid
+    if st.st_uid not in (0, euid):
+        return f"it is owned by uid {st.st_uid}"
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if directory:
+        if not stat.S_ISDIR(st.st_mode):
+            return "it is not a directory"
+        if writable and not st.st_mode & stat.S_ISVTX:
+            return "others may write into it"
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if writable:
+        return "others may write it"
+    return None
+
+
+def read_cache(path):
+    """The Compiled saved at path; None when there is none; CacheError when
+    there is one that must not be used."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CacheError(f"the cached program {path} cannot be opened ({e.strerror}).") from None
+    try:
+        # fstat of the opened file: what is checked is what is read.
+        why = trusted(os.fstat(fd)) or trusted(os.stat(os.path.dirname(path) or "."), directory=True)
+        if why:
+            raise CacheError(f"the cached program {path} is not used: {why}.")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    try:
+        return Compiled.from_json(data.decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheError(f"the cached program {path} is damaged ({e}).") from None
+
+
+def write_cache(path, compiled):
+    """Save compiled at path, whole or not at all; False when it cannot be
+    written (a read-only cache only costs start-up time)."""
+    import tempfile  # here: only a miss writes, and tempfile imports random and shutil
+
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if trusted(os.stat(directory), directory=True):
+            return False  # it would be refused when read
+        fd, tmp = tempfile.mkstemp(prefix=".prog-", suffix=".tmp", dir=directory)  # mode 0600
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(compiled.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+
+
+_VERSION_RE = re.compile(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", re.M)
+
+
+def bcc_version(templates=()):
+    """bcc's version as its Python module states it, read from its
+    version.py without importing it (importing bcc loads libbcc and LLVM:
+    what the cached path avoids). Searched where find_bcc() would find it:
+    sys.path first, then the templates ('{v}' is the Python version).
+    None when bcc is not installed."""
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for base in list(sys.path) + [t.format(v=v) for t in templates]:
+        init = os.path.join(base or ".", "bcc", "__init__.py")
+        if not os.path.isfile(init):
+            continue
+        try:
+            with open(os.path.join(base or ".", "bcc", "version.py")) as f:
+                found = _VERSION_RE.search(f.read())
+        except OSError:
+            found = None
+        if found:
+            return found.group(1)
+    return None
+
+
+__all__ = [
+    "Compiled", "MapSpec", "ProgSpec", "Loaded", "Map", "capture", "relocations",
+    "cache_key", "cache_path", "read_cache", "write_cache", "bcc_version", "supported",
+    "LoaderError", "VerifierError", "Unsupported", "CacheError",
+]

@@ -1,0 +1,136 @@
+"""A BPF ring buffer read straight from its memory mapping.
+
+bcc hands every sample to Python through a ctypes callback (libbpf's
+ring_buffer__poll -> libffi -> bcc's wrapper -> ours -> ctypes.string_at):
+about 30 % of tcptrace's CPU per event went there, and a program loaded
+without bcc (loader.Loaded) has no bcc to read with at all. The ring
+buffer's pages can be mapped by user space (kernel 5.8+): the consumer
+position page is writable, the producer position page and the data pages
+(mapped twice, so a record that wraps is contiguous) are read-only. This
+reads every ready record in one Python loop, as libbpf's
+ringbuf_process_ring() does, and waits through epoll on the map's fd.
+
+Only on x86-64: Python's loads from the mapping are plain loads, which TSO
+orders as the acquire loads libbpf uses (and its stores as releases);
+elsewhere bcc's reader is used.
+
+The positions are read and written by struct, possibly byte by byte. That
+is still safe: positions only grow, so a torn read of the producer position
+is never past the true one (reading stops early, the rest comes next poll),
+and a torn consumer position seen by the kernel is never past ours (it
+finds less room, never room over unread records).
+"""
+
+import mmap
+import platform
+import select
+import struct
+
+BUSY_BIT = 1 << 31
+DISCARD_BIT = 1 << 30
+HDR_SZ = 8
+# At most this many records per poll: libbpf's loop (and this one) would
+# otherwise go on as long as the producer keeps up, and every record read
+# waits, as Python objects, for the next drain.
+BATCH = 4096
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+def supported():
+    return platform.machine() in ("x86_64", "amd64")
+
+
+def _max_entries(fd):
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("max_entries:"):
+                return int(line.split()[1])
+    raise OSError(f"no max_entries in the fdinfo of map fd {fd}")
+
+
+class RingReader:
+    """Reads the ring buffer map behind map_fd (which stays the caller's to
+    close). size is the map's max_entries, read from fdinfo when not given."""
+
+    def __init__(self, map_fd, record_size, unpack_from=None, size=None):
+        self.fd = map_fd
+        self.size = size or _max_entries(map_fd)
+        page = mmap.PAGESIZE
+        if self.size & (self.size - 1) or self.size % page:
+            raise ValueError(f"a ring buffer of {self.size} bytes: not a power of 2 pages")
+        self.mask = self.size - 1
+        self.record_size = record_size
+        self.unpack_from = unpack_from  # decode in place: no bytes copy per record
+        self.cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        try:
+            self.prod = mmap.mmap(map_fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except OSError:
+            self.cons.close()
+            raise
+        self.data_off = page
+        self.epoll = None  # made on the first wait: consume() alone needs none
+
+    def poll(self, timeout_ms, add, add_values=None):
+        """Hand every ready record to add(bytes) (or its decoded fields to
+        add_values()); wait up to timeout_ms (forever if negative) if none
+        is ready. Returns how many were handed over."""
+        got = self.consume(add, add_values)
+        if got:
+            return got
+        if self.epoll is None:
+            self.epoll = select.epoll()
+            self.epoll.register(self.fd, select.EPOLLIN)
+        self.epoll.poll(timeout_ms / 1000.0 if timeout_ms >= 0 else -1)
+        return self.consume(add, add_values)
+
+    def consume(self, add, add_values=None):
+        """Hand every committed record to add(); returns how many."""
+        cons_mm, prod_mm = self.cons, self.prod
+        u32 = _U32.unpack_from
+        mask, base, want = self.mask, self.data_off, self.record_size
+        unpack_from = self.unpack_from if add_values is not None else None
+        cons = _U64.unpack_from(cons_mm, 0)[0]
+        got = 0
+        while got < BATCH:
+            progressed = False
+            prod = _U64.unpack_from(prod_mm, 0)[0]
+            while cons < prod and got < BATCH:
+                off = base + (cons & mask)
+                hdr = u32(prod_mm, off)[0]
+                if hdr & BUSY_BIT:
+                    # Reserved, not yet committed: records after it wait too,
+                    # or the consumer position would pass it.
+                    _U64.pack_into(cons_mm, 0, cons)
+                    return got
+                progressed = True
+                length = hdr & ~(BUSY_BIT | DISCARD_BIT)
+                if not hdr & DISCARD_BIT:
+                    start = off + HDR_SZ
+                    if unpack_from is not None and length >= want:
+                        add_values(unpack_from(prod_mm, start))
+                    else:
+                        add(prod_mm[start : start + (length if length < want else want)])
+                    got += 1
+                cons += (length + HDR_SZ + 7) & ~7
+            _U64.pack_into(cons_mm, 0, cons)
+            if not progressed:
+                return got
+        return got
+
+    def close(self):
+        for m in (self.cons, self.prod):
+            try:
+                m.close()
+            except (BufferError, ValueError):
+                pass
+        if self.epoll is not None:
+            self.epoll.close()
+            self.epoll = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
