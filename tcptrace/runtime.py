@@ -11,6 +11,7 @@ import importlib
 import os
 import re
 import signal
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ CAP_BPF = 39
 POLL_MS = 100
 STATS_EVERY_S = 1.0
 STAT_LOST_OUTPUT, STAT_UNTRACKED = 0, 1
+BPF_NOEXIST = 1  # a map update that only creates
+# Samples taken per poll at most: libbpf's ring loop would otherwise go on as
+# long as the producer keeps up, and every sample waits, as a Python object,
+# for the next drain.
+BATCH_MAX = 4096
 
 # Where distributions put bcc's pure-Python module, for a Python (a venv,
 # pyenv) that does not see the distribution's site directory.
@@ -304,14 +310,21 @@ def build_program(bcc, text, release, what="the program", say=None):
 
 
 class Session:
-    """One loaded program: build, attach, poll, detach."""
+    """One loaded program: build, attach, poll, detach.
 
-    def __init__(self, spec, opts, writer, err=sys.stderr):
+    With buffer=False the program only counts into maps, which the caller
+    reads (read_percpu, read_table): no event buffer is opened."""
+
+    def __init__(self, spec, opts, writer, err=sys.stderr, buffer=True):
         self.spec = spec
         self.opts = opts
         self.writer = writer
         self.err = err
         self.bpf = None
+        self.bcc = None
+        self.bcc_where = "-"
+        self.loaded = None  # the program loaded without bcc (see _load)
+        self.reader = None
         self.lost = 0
         self.lost_reported = 0
         self.untracked = 0
@@ -320,6 +333,8 @@ class Session:
         self.callback_error = None
         self.build_mode = ""
         self.counting = bool(opts.count and spec.counter)
+        self.buffered = buffer and not self.counting
+        self.attached = []  # the tracepoints attached, in the spec's order
 
     def say(self, text):
         self.err.write(f"tcptrace: {text}\n")
@@ -334,8 +349,6 @@ class Session:
     def open(self):
         t0 = time.monotonic()
         check_privileges()
-        bcc, where = find_bcc()
-        self.bcc = bcc
         source = formats_source()
         self.plan = plan(self.spec, self.opts, source)
         for tp, why in self.plan.missing:
@@ -347,15 +360,18 @@ class Session:
             btf=self.plan.btf,
         )
         self.ctx.owners = self._owner_resolver()
-        self._build(bcc)
+        self._load()
         t1 = time.monotonic()
         self._fill_filters()
         self._attach()
         self._seed_listeners()
-        if not self.counting:
+        if self.buffered:
             self._open_buffer()
+        origin = (f"compiled program from the cache (built by bcc {self.bcc_version} before)"
+                  if self.build_mode == "cached" else
+                  f"bcc {self.bcc_version} from {self.bcc_where}; {self.build_mode} build")
         self.verbose(
-            f"bcc {getattr(bcc, '__version__', '?')} from {where}; {self.build_mode} build; "
+            f"{origin}; "
             f"{'ring' if self.plan.use_ring else 'perf'} buffer; "
             f"ready in {time.monotonic() - t0:.3f} s (build {t1 - t0:.3f} s)"
         )
@@ -364,20 +380,18 @@ class Session:
         """Owners of listeners opened before tracing, from /proc, for programs
         with owner tracking: the connections they accept then inherit one."""
         try:
-            table = self.bpf["listen_owners"]
+            table = self.map("listen_owners")
         except KeyError:
             return
         from .procfs import listener_owners
 
         for port, (pid, comm) in listener_owners().items():
-            key = table.Key(port)
-            if key in table:  # learned since attaching: the kernel knows better
-                continue
-            leaf = table.Leaf()
-            leaf.pid, leaf.known, leaf.comm = pid, 1, comm.encode()[:15]
+            owner = struct.pack("<II16s", pid, 1, comm.encode()[:15])  # struct owner in tcptrace.h
             try:
-                table[key] = leaf
-            except Exception:  # the map is full: those owners stay unknown
+                table.update(port.to_bytes(2, sys.byteorder), owner, BPF_NOEXIST)
+            except FileExistsError:  # learned since attaching: the kernel knows better
+                continue
+            except OSError:  # the map is full: those owners stay unknown
                 break
 
     def _owner_resolver(self):
@@ -390,25 +404,79 @@ class Session:
             bcc, self.plan.text, os.uname().release, f"`tcptrace {self.spec.name}`", self.verbose
         )
 
+    def _load(self):
+        """The program in the kernel: from the cache of compiled programs
+        when this exact program was built before on this kernel (no bcc, no
+        LLVM: a fraction of the start-up time and memory), else compiled
+        with bcc, then captured into the cache and loaded from it, so both
+        runs take the same path. Per-CPU perf buffers (kernels before 5.8,
+        --buffer perf), other machines and anything the loader cannot
+        reproduce stay with bcc."""
+        from . import loader, ringbuf
+
+        version = loader.bcc_version(BCC_DIRS)
+        path = None
+        if (self.plan.use_ring and loader.supported() and ringbuf.supported() and version
+                and not os.environ.get("TCPTRACE_NO_CACHE")):
+            path = loader.cache_path(self.plan.text, self.plan.release, version)
+            compiled = None
+            try:
+                compiled = loader.read_cache(path)
+            except loader.CacheError as e:
+                self.verbose(f"{e}; building with bcc")
+            if compiled is not None:
+                try:
+                    self.loaded = loader.Loaded(compiled)
+                    self.build_mode = "cached"
+                    return
+                except loader.LoaderError as e:
+                    self.verbose(f"the cached program did not load ({e}); building with bcc")
+        bcc, self.bcc_where = find_bcc()
+        self.bcc = bcc
+        self._build(bcc)
+        if path is None:
+            return
+        functions = [tp.function for tp in self.spec.tracepoints if tp.name in self.plan.formats]
+        try:
+            compiled = loader.capture(self.bpf, functions)
+            loaded = loader.Loaded(compiled)
+        except loader.LoaderError as e:
+            self.verbose(f"not cached ({e}): running on bcc")
+            return
+        if not loader.write_cache(path, compiled):
+            self.verbose(f"the compiled program could not be cached in {os.path.dirname(path)}")
+        self.loaded = loaded
+        self.bpf.cleanup()
+        self.bpf = None
+
+    def map(self, name):
+        """A map of the program, read and written as bytes, on either path."""
+        if self.loaded is not None:
+            return self.loaded[name]
+        return _BccMap(self.bpf[name])
+
     def _fill_filters(self):
-        ct = ctypes
-        one = ct.c_uint8(1)
-        for table, values, ctype in (
-            ("filter_lports", self.opts.lports, ct.c_uint16),
-            ("filter_rports", self.opts.rports, ct.c_uint16),
-            ("filter_pids", self.opts.pids, ct.c_uint32),
+        for table, values in (
+            ("filter_lports", self.opts.lports),
+            ("filter_rports", self.opts.rports),
+            ("filter_pids", self.opts.pids),
         ):
             if values:
-                m = self.bpf[table]
+                m = self.map(table)
                 for v in values:
-                    m[ctype(v)] = one
+                    m.update(v.to_bytes(m.key_size, sys.byteorder), b"\x01")
 
     def _attach(self):
         for tp in self.spec.tracepoints:
             if tp.name not in self.plan.formats:
                 continue
             try:
-                self.bpf.attach_tracepoint(tp=tp.name, fn_name=tp.function)
+                if self.loaded is not None:
+                    # The live tracefs: the formats may come from elsewhere, the IDs may not.
+                    self.loaded.attach_tracepoint(tracefs.find_mount(), tp.name, tp.function)
+                else:
+                    self.bpf.attach_tracepoint(tp=tp.name, fn_name=tp.function)
+                self.attached.append(tp.name)
             except Exception as e:
                 self.close()
                 raise BuildError(
@@ -422,14 +490,28 @@ class Session:
         self.stream = EventStream(
             self.spec, self.ctx, self.writer.row, self.opts.max_events, ordered=self.plan.use_ring
         )
-        events = self.bpf["events"]
         size = self.spec.event.size
-        string_at = ctypes.string_at
         add = self.stream.add
+        if self.loaded is not None:
+            from . import ringbuf
+
+            # Read from the ring's mapping: no ctypes call per sample, and
+            # each sample unpacked where it lies.
+            events = self.loaded["events"]
+            self.reader = ringbuf.RingReader(events.fd, size, self.spec.event.struct.unpack_from,
+                                             size=events.max_entries)
+            add_values = self.stream.add_values
+            self._poll = lambda timeout, read=self.reader.poll: read(timeout, add, add_values)
+            return
+        events = self.bpf["events"]
+        string_at = ctypes.string_at
+        stream = self.stream
 
         def on_sample(_ctx_or_cpu, data, length):
             add(string_at(data, length if length < size else size))
-            return 0
+            # A negative return ends libbpf's ring loop (this sample is
+            # consumed): batches stay bounded while the producer keeps up.
+            return -1 if len(stream.pending) >= BATCH_MAX else 0
 
         if self.plan.use_ring:
             events.open_ring_buffer(on_sample)
@@ -444,12 +526,30 @@ class Session:
 
     def read_stats(self):
         try:
-            table = self.bpf["tcptrace_stats"]
-            lost = table.sum(ctypes.c_int(STAT_LOST_OUTPUT)).value
-            self.untracked = table.sum(ctypes.c_int(STAT_UNTRACKED)).value
-        except Exception:
+            table = self.map("tcptrace_stats")
+            lost = table.sum(STAT_LOST_OUTPUT.to_bytes(4, sys.byteorder))
+            self.untracked = table.sum(STAT_UNTRACKED.to_bytes(4, sys.byteorder))
+        except (KeyError, OSError):
             return
         self.lost = lost
+
+    @property
+    def bcc_version(self):
+        version = getattr(getattr(self, "bcc", None), "__version__", None)
+        if version is None:
+            from .loader import bcc_version
+
+            version = bcc_version(BCC_DIRS)
+        return version or "unknown"
+
+    def read_percpu(self, name, key=0):
+        """One entry of a per-CPU array: its bytes on each possible CPU."""
+        table = self.map(name)
+        return table.values(key.to_bytes(table.key_size, sys.byteorder))
+
+    def read_table(self, name):
+        """Every (key, value) of a hash map, as bytes."""
+        return list(self.map(name).items())
 
     def report_lost(self):
         if self.lost > self.lost_reported:
@@ -459,26 +559,17 @@ class Session:
     def read_counts(self, clear):
         """Rows of the in-kernel counts, busiest first, COUNT last."""
         counter = self.spec.counter
-        table = self.bpf["counts"]
-        if clear:
-            try:
-                items = list(table.items_lookup_and_delete_batch())
-            except Exception:  # kernels before 5.6 have no batch operations
-                items = list(table.items())
-                table.clear()
-        else:
-            items = list(table.items())
+        table = self.map("counts")
+        items = table.pop_all() if clear else list(table.items())
         rows = []
-        for key, value in items:
-            raw = ctypes.string_at(ctypes.addressof(key), ctypes.sizeof(key))
+        for raw, value in items:
             try:
                 values = counter.key.struct.unpack(raw[: counter.key.size])
                 row = counter.decode(values, self.ctx)
             except Exception:
                 self.malformed += 1
                 continue
-            count = value.value if hasattr(value, "value") else int(value)
-            rows.append(tuple(row) + (count,))
+            rows.append(tuple(row) + (int.from_bytes(value[:8], sys.byteorder),))
         rows.sort(key=lambda r: r[-1], reverse=True)
         if self.opts.top:
             rows = rows[: self.opts.top]
@@ -563,12 +654,56 @@ class Session:
             self.say(f"{malformed} samples could not be decoded")
 
     def close(self):
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()
             except Exception:
                 pass
             self.bpf = None
+
+
+class _BccMap:
+    """A bcc table through the loader's byte-level map interface, so the
+    session reads and writes maps the same way on both paths."""
+
+    def __init__(self, table):
+        self.table = table
+        self.key_size = ctypes.sizeof(table.Key)
+
+    def update(self, key, value, flags=0):
+        k = self.table.Key.from_buffer_copy(key)
+        if flags == BPF_NOEXIST and k in self.table:
+            raise FileExistsError(f"key {key.hex()} exists")
+        leaf = self.table.Leaf()
+        ctypes.memmove(ctypes.addressof(leaf), value, min(len(value), ctypes.sizeof(leaf)))
+        self.table[k] = leaf
+
+    def items(self):
+        for key, value in self.table.items():
+            yield bytes(key), bytes(value)
+
+    def pop_all(self):
+        try:
+            items = list(self.table.items_lookup_and_delete_batch())
+        except Exception:  # kernels before 5.6 have no batch operations
+            items = list(self.table.items())
+            self.table.clear()
+        return [(bytes(k), bytes(v)) for k, v in items]
+
+    def values(self, key):
+        value = self.table.getvalue(self.table.Key.from_buffer_copy(key))
+        raw = bytes(value)
+        size = ctypes.sizeof(self.table.sLeaf)
+        return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+    def sum(self, key):
+        return sum(int.from_bytes(v, sys.byteorder) for v in self.values(key))
 
 
 def _first_line(exc):

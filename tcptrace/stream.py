@@ -14,9 +14,14 @@ class EventStream:
         self.max_events = max_events
         self.ordered = ordered  # False for per-CPU perf buffers: sort each batch
         self.pending = []
+        self.pending_values = []
         self.rows = 0
         self.short = 0  # samples shorter than the event: counted, never decoded
         self.malformed = 0  # samples decode() could not make sense of
+
+    def add_values(self, values):
+        """A sample the reader already unpacked (where it lay in the buffer)."""
+        self.pending_values.append(values)
 
     def add(self, raw):
         if len(raw) < self.size:
@@ -30,14 +35,45 @@ class EventStream:
 
     def drain(self):
         """Write what was collected; True once --max-events is reached."""
-        if not self.pending:
+        if not self.pending and not self.pending_values:
             return self.done
+        decode, ctx = self.decode, self.ctx
+        if not self.pending and self.ordered and not self.max_events:
+            # The common case (a ring buffer read in place, no --max-events):
+            # each row written as it is decoded, no list of rows first.
+            batch, self.pending_values = self.pending_values, []
+            write = self.write
+            written = 0
+            for values in batch:
+                try:
+                    row = decode(values, ctx)
+                except Exception:
+                    self.malformed += 1
+                    continue
+                if row is not None:
+                    write(values[0], row)
+                    written += 1
+            self.rows += written
+            return False
         batch, self.pending = self.pending, []
-        unpack, decode, ctx = self.unpack, self.decode, self.ctx
+        unpack = self.unpack
         rows = []
         for raw in batch:
             try:
                 values = unpack(raw)
+            except Exception:
+                self.malformed += 1
+                continue
+            try:
+                row = decode(values, ctx)
+            except Exception:
+                self.malformed += 1
+                continue
+            if row is not None:
+                rows.append((values[0], row))
+        values_batch, self.pending_values = self.pending_values, []
+        for values in values_batch:
+            try:
                 row = decode(values, ctx)
             except Exception:
                 self.malformed += 1

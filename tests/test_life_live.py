@@ -111,15 +111,23 @@ def test_bytes_and_owners(bpf, ip, close_order):
 
 @pytest.mark.parametrize("close_order", ["client-first", "server-first"])
 def test_owners_when_closed_at_once(bpf, close_order):
-    """close() without shutdown: the same owners and counts, except that the
-    first closer may or may not have counted the peer's FIN (see above)."""
+    """close() without shutdown: the same owners and counts, except for each
+    side's view of the other's FIN. The first closer's socket is handed to a
+    TIME_WAIT mini-socket once its own FIN is acknowledged, maybe before the
+    peer's FIN arrives (then its RX lacks that FIN); and now and then (seen
+    on a loaded machine, while that hand-over happens) the second closer's
+    socket closes without its FIN counted as acknowledged (then its TX lacks
+    its FIN). Both are what the kernel counted; test_bytes_and_owners, where
+    the first closer waits for the peer's FIN, asserts the exact counts."""
     client_first = close_order == "client-first"
     for c, s, client, server, cs, ss in traced_sessions("127.0.0.1", socket.AF_INET, False, client_first):
         assert (c["pid"], c["comm"]) == (client.pid, PEER_COMM)
         assert (s["pid"], s["comm"]) == (server.pid, PEER_COMM)
-        assert (c["tx_bytes"], s["tx_bytes"]) == (cs + 2, ss + 1)
         first, second = (c, s) if client_first else (s, c)
+        first_sent, second_sent = (cs + 2, ss + 1) if client_first else (ss + 1, cs + 2)
         first_recv, second_recv = (ss, cs) if client_first else (cs, ss)
+        assert first["tx_bytes"] == first_sent
+        assert second["tx_bytes"] in (second_sent - 1, second_sent)
         assert second["rx_bytes"] == second_recv + 1
         assert first["rx_bytes"] in (first_recv, first_recv + 1)
 
@@ -353,7 +361,7 @@ class InProcess:
         return [json.loads(line) for line in self.buffer.getvalue().splitlines()]
 
     def size(self, name):
-        return len(list(self.session.bpf[name].keys()))
+        return len(list(self.session.map(name).items()))
 
 
 def test_maps_return_to_their_size(bpf):
