@@ -29,6 +29,7 @@ from .spec import DecodeContext
 CAP_PERFMON = 38
 CAP_BPF = 39
 POLL_MS = 100
+RING_PAGES = 2048
 STATS_EVERY_S = 1.0
 STAT_LOST_OUTPUT, STAT_UNTRACKED = 0, 1
 BPF_NOEXIST = 1  # a map update that only creates
@@ -184,7 +185,9 @@ def defines_for(spec, opts, use_ring):
     defs = {}
     if use_ring:
         defs["TCPTRACE_RINGBUF"] = 1
-        defs["TCPTRACE_RINGBUF_PAGES"] = opts.buffer_pages or 512
+        # 8 MiB: about a second of events at 80,000 a second, for a reader
+        # that the scheduler leaves waiting.
+        defs["TCPTRACE_RINGBUF_PAGES"] = opts.buffer_pages or RING_PAGES
     if opts.family:
         defs["FILTER_FAMILY"] = opts.family
     if opts.lports:
