@@ -103,7 +103,7 @@ COMMON = (
     click.option("--buffer", type=click.Choice(("auto", "ring", "perf")), default="auto", show_default=True,
                  help="Kernel-to-user buffer: a BPF ring buffer (Linux 5.8+) or per-CPU perf buffers."),
     click.option("--buffer-pages", type=int, callback=_pages, metavar="PAGES",
-                 help="Buffer size in pages, a power of two (ring: 512 in all; perf: 64 per CPU)."),
+                 help="Buffer size in pages, a power of two (ring: 2048 in all; perf: 64 per CPU)."),
     click.option("--verbose", is_flag=True, help="Report on stderr how the program was built and attached."),
     click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit (no root needed)."),
     click.option("--formats", "formats_dir", type=click.Path(exists=True, file_okay=False), hidden=True,
@@ -187,7 +187,7 @@ def make_command(spec):
 
             writer = output.writer(
                 opts.output, sys.stdout, spec.columns, show_time=opts.time,
-                show_timestamp=opts.timestamp, wide=opts.wide, extended=opts.extended,
+                show_timestamp=opts.timestamp, wide=opts.wide, extended=opts.extended, tool=spec.name,
             )
             status = runtime.run(spec, opts, writer)
         except TcptraceError as e:
@@ -252,3 +252,12 @@ def _add_doctor():
 
 
 _add_doctor()
+
+
+def _add_exporter():
+    from .exporter import make_command as exporter_command
+
+    cli.add_command(exporter_command(OPTIONS))
+
+
+_add_exporter()

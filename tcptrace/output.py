@@ -9,6 +9,9 @@ interval without paying a write() per row.
 import csv
 import json
 import math
+import operator
+import re
+import socket
 import time
 
 from .spec import Column
@@ -38,6 +41,19 @@ def _cell(col, width, value):
     return text.rjust(width) if col.right else text.ljust(width)
 
 
+def _percent(col, width):
+    """The printf-style conversion of a column, or None when its format
+    spec has no exact printf equivalent."""
+    spec = col.spec or "s"
+    if not re.fullmatch(r"(\.\d+)?[dxfs]", spec):
+        return None
+    if spec == "s" and col.truncate and width:
+        spec = f".{width}s"
+    if not width:
+        return "%" + spec
+    return f"%{'' if col.right else '-'}{width}{spec}"
+
+
 class Clock:
     """TIME and TIME(s) values for an event: wall-clock HH:MM:SS when the
     event is printed (as bcc's -T) and seconds since the first event, from
@@ -61,9 +77,51 @@ class Clock:
         return (ts_ns - self.first_ns) / 1e9
 
 
+class Stamps:
+    """The start of a JSON object: the timestamps of a kernel time
+    (CLOCK_MONOTONIC, which bpf_ktime_get_ns() reads), then what is the same
+    on every line. `ts_mono` is those exact seconds as a JSON number, `ts`
+    the wall-clock time, RFC 3339 UTC with microseconds, from one offset
+    between the two clocks taken at start (a later step of the wall clock is
+    not followed, so the stamps of one run stay ordered)."""
+
+    def __init__(self, constant=""):
+        before = time.monotonic_ns()
+        wall = time.time_ns()
+        after = time.monotonic_ns()
+        self.offset_ns = wall - (before + after) // 2
+        self._offset_s, self._offset_sub = divmod(self.offset_ns, 1_000_000_000)
+        self.constant = constant
+        self._second = None
+        self._wall = ("", "")
+
+    def _texts(self, second):
+        self._second = second
+        first = second + self._offset_s
+        self._wall = tuple('{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + "."
+                           for s in (first, first + 1))
+
+    def head(self, ts_ns):
+        """'{"ts":...,"ts_mono":...,<constant>,': one division per line, the
+        date text once per second, digits by slicing "1<9 digits>" (format
+        specs cost twice as much)."""
+        second, ns = divmod(ts_ns, 1_000_000_000)
+        if second != self._second:
+            self._texts(second)
+        sub = ns + self._offset_sub
+        if sub < 1_000_000_000:
+            wall = self._wall[0]
+            sub += 1_000_000_000
+        else:
+            wall = self._wall[1]
+        return f'{wall}{str(sub)[1:7]}Z","ts_mono":{second}.{str(ns + 1_000_000_000)[1:]},{self.constant},'
+
+
 class Writer:
-    def __init__(self, stream, columns, show_time=False, show_timestamp=False, wide=False, extended=False):
+    def __init__(self, stream, columns, show_time=False, show_timestamp=False, wide=False, extended=False,
+                 tool=None):
         self.stream = stream
+        self.tool = tool  # the subcommand, named in every JSON object
         self.clock = Clock()
         self.show_time = show_time
         self.show_timestamp = show_timestamp
@@ -118,6 +176,11 @@ class TableWriter(Writer):
             cut = f".{width}" if (col.truncate and width) else ""
             parts.append("{:%s%s%s%s}" % (align, width or "", cut, col.spec))
         self.template = " ".join(parts)
+        # Faster still, for rows without blanks: printf-style formatting and
+        # a column picker in C.
+        percent = [_percent(col, width) for col, width in zip(cols, self.widths)]
+        self.percent = " ".join(percent) + "\n" if None not in percent else None
+        self.pick = operator.itemgetter(*self.index) if len(self.index) > 1 else None
 
     def header(self):
         cells = [
@@ -127,6 +190,15 @@ class TableWriter(Writer):
         self.stream.write(" ".join(cells).rstrip() + "\n")
 
     def row(self, ts_ns, values):
+        if self.percent and self.pick and not (self.show_time or self.show_timestamp):
+            picked = self.pick(values)
+            if None not in picked:  # %s would print a blank as "None"
+                try:
+                    self.stream.write(self.percent % picked)
+                    self.rows += 1
+                    return
+                except (ValueError, TypeError):
+                    pass  # an odd value: the careful path below
         vals = self._prefix(ts_ns) if (self.show_time or self.show_timestamp) else []
         vals += [values[i] for i in self.index]
         try:
@@ -167,21 +239,38 @@ class CsvWriter(Writer):
             self.csv.writerow(["" if v is None else v for v in row])
 
 
+SCHEMA_VERSION = 1  # tcptrace/schema/events-v1.json; bumped when a key changes meaning or goes away
+ENVELOPE = ("ts", "ts_mono", "host", "tool", "schema")  # the keys every JSON object starts with
+
+
 class JsonWriter(Writer):
+    """JSON Lines. Every object starts with the envelope: `ts`, `ts_mono`,
+    `host`, `tool`, `schema` (see tcptrace/events.py), so that the lines of
+    many hosts and subcommands can be merged and told apart."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.keys = [c.key for c in self.all_columns]
         self.dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        host = self.dumps(socket.gethostname())
+        tool = f',"tool":{self.dumps(self.tool)}' if self.tool else ""
+        self.head = Stamps(f'"host":{host}{tool},"schema":{SCHEMA_VERSION}').head
+
+    def _line(self, ts_ns, keys, vals):
+        body = self.dumps(dict(zip(keys, vals)))
+        return self.head(ts_ns) + body[1:] + "\n" if len(body) > 2 else self.head(ts_ns)[:-1] + "}\n"
 
     def row(self, ts_ns, values):
         vals = self._prefix(ts_ns) + [values[i] for i in self.index]
-        self.stream.write(self.dumps(dict(zip(self.keys, vals))) + "\n")
+        # A tool has at least one JSON column: the body is never "{}".
+        self.stream.write(self.head(ts_ns) + self.dumps(dict(zip(self.keys, vals)))[1:] + "\n")
         self.rows += 1
 
     def summary(self, columns, rows, title=None):
         keys = [c.key for c in columns]
+        now = time.monotonic_ns()  # the same clock as the kernel's event times
         for row in rows:
-            self.stream.write(self.dumps(dict(zip(keys, row))) + "\n")
+            self.stream.write(self._line(now, keys, row))
 
 
 WRITERS = {"table": TableWriter, "csv": CsvWriter, "json": JsonWriter}

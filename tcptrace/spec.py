@@ -28,6 +28,21 @@ class Column:
     # "cat:event" (an optional tracepoint), "cat:event.field" (a field of
     # one) or "struct.member" (a BTF struct member).
     requires: tuple = ()
+    # The JSON type of the value (events schema): "integer", "number",
+    # "string" or "boolean"; "" derives it from `spec` ("d"/"x" integer,
+    # "f" number, else string).
+    type: str = ""
+    nullable: bool = False  # JSON null when the value is unknown
+
+    @property
+    def json_type(self):
+        if self.type:
+            return self.type
+        if self.spec.endswith(("d", "x")):
+            return "integer"
+        if self.spec.endswith(("f", "e", "g")):
+            return "number"
+        return "string"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.path.join(ROOT, "tests", "peer.py")
 READY_TIMEOUT = 60
+ENVELOPE = ("ts", "ts_mono", "host", "tool", "schema")  # output.ENVELOPE, spelled out so a change shows
+_RFC3339_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def unwrap(obj, tool=None):
+    """An object of the JSON output without its envelope, once the envelope
+    is checked: it comes first, in order, with this host and schema 1."""
+    keys = [k for k in ENVELOPE if k in obj]
+    assert list(obj)[: len(keys)] == keys and set(ENVELOPE) - {"tool"} <= set(keys), obj
+    assert _RFC3339_MICRO.match(obj["ts"]) and isinstance(obj["ts_mono"], (int, float)), obj
+    assert obj["host"] == socket.gethostname() and obj["schema"] == 1, obj
+    if tool is not None:
+        assert obj["tool"] == tool, obj
+    return {k: v for k, v in obj.items() if k not in ENVELOPE}
 
 
 def free_port(family=socket.AF_INET, host="127.0.0.1"):
@@ -98,8 +113,13 @@ class Tracer:
             self.stop(settle=0)
         return False
 
+    def json_objects(self):
+        """The JSON output as written, envelope included."""
+        return [json.loads(line) for line in self.stdout.split("\n") if line.strip()]
+
     def json_rows(self):
-        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+        """The JSON output, each object's envelope checked and left out."""
+        return [unwrap(obj, self.args[0]) for obj in self.json_objects()]
 
 
 class Peer:

@@ -10,6 +10,7 @@ import socket
 import pytest
 from click.testing import CliRunner
 
+from helpers import unwrap
 from tcptrace import codegen, layout, output, runtime, tracefs
 from tcptrace.cli import cli
 from tcptrace.spec import DecodeContext
@@ -107,7 +108,7 @@ def test_connect_wide_csv_json():
         "pid,comm,family,laddr,lport,raddr,rport,lat_ms,result",
         "22384,curl,4,10.1.2.3,63446,93.184.216.34,80,1.373,CLOSED",
     ]
-    assert json.loads(render(connect, "json", [connect_event()])) == {
+    assert unwrap(json.loads(render(connect, "json", [connect_event()]))) == {
         "pid": 22384, "comm": "curl", "family": 4, "laddr": "10.1.2.3", "lport": 63446,
         "raddr": "93.184.216.34", "rport": 80, "lat_ms": 1.373, "result": "OK"}
 
@@ -124,7 +125,7 @@ def test_accept_outputs_golden():
         "1031,nginx,4,93.184.216.34,80,10.1.2.3,63446,0.0046",
         ",,4,93.184.216.34,80,10.1.2.3,63446,12.345678",
     ]
-    first, second = map(json.loads, render(accept, "json", events).splitlines())
+    first, second = (unwrap(json.loads(line)) for line in render(accept, "json", events).splitlines())
     assert first == {"pid": 1031, "comm": "nginx", "family": 4, "laddr": "93.184.216.34", "lport": 80,
                      "raddr": "10.1.2.3", "rport": 63446, "syn_recv_ms": 0.0046}
     assert second["pid"] is None and second["comm"] is None

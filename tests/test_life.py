@@ -10,6 +10,7 @@ import socket
 import pytest
 from click.testing import CliRunner
 
+from helpers import unwrap
 from tcptrace import codegen, layout, output, runtime, tracefs
 from tcptrace.cli import cli
 from tcptrace.spec import DecodeContext
@@ -143,7 +144,7 @@ def test_csv():
 
 
 def test_json():
-    rows = [json.loads(line) for line in render("json", EVENTS, extended=True).splitlines()]
+    rows = [unwrap(json.loads(line)) for line in render("json", EVENTS, extended=True).splitlines()]
     assert rows[0] == {
         "pid": 22597, "comm": "curl", "family": 4, "laddr": "10.0.0.7", "lport": 46644, "raddr": "93.184.216.34",
         "rport": 443, "tx_bytes": 100002, "rx_bytes": 5001, "retransmits": 3, "closed_by": "local",
@@ -151,7 +152,7 @@ def test_json():
     }
     assert rows[1]["partial"] is True and rows[1]["connect_ms"] is None and rows[1]["ms"] == 61000.0
     assert rows[2]["pid"] is None and rows[2]["tx_bytes"] is None and rows[2]["closed_by"] == "reset"
-    plain = json.loads(render("json", EVENTS[:1]).splitlines()[0])
+    plain = unwrap(json.loads(render("json", EVENTS[:1]).splitlines()[0]))
     assert set(plain) == {"pid", "comm", "family", "laddr", "lport", "raddr", "rport", "tx_bytes", "rx_bytes",
                           "ms", "partial"}
 

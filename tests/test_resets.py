@@ -9,6 +9,7 @@ import socket
 import pytest
 from click.testing import CliRunner
 
+from helpers import unwrap
 from tcptrace import codegen, layout, output, runtime, tracefs
 from tcptrace.cli import cli
 from tcptrace.spec import Column, DecodeContext
@@ -106,7 +107,7 @@ def test_csv_golden():
 
 def test_json_golden():
     lines = render("json", [event(**NO_SOCKET), event(**RECEIVED)], show_time=True).splitlines()
-    first, second = map(json.loads, lines)
+    first, second = (unwrap(json.loads(line)) for line in lines)
     assert list(first) == ["time", "pid", "comm", "family", "dir", "laddr", "lport", "raddr", "rport", "state",
                            "reason"]
     first.pop("time")
@@ -139,7 +140,7 @@ def test_count_rows_and_summary():
     ]
     stream = io.StringIO()
     output.writer("json", stream, resets.COLUMNS).summary(columns, rows[:1])
-    assert json.loads(stream.getvalue()) == {"dir": "SENT", "laddr": "10.1.2.3", "lport": 443,
+    assert unwrap(json.loads(stream.getvalue())) == {"dir": "SENT", "laddr": "10.1.2.3", "lport": 443,
                                              "raddr": "93.184.216.34", "rport": 51234, "reason": "NO_SOCKET",
                                              "count": 7}
 

@@ -22,8 +22,6 @@
  */
 #include "tcptrace.h"
 
-#define ERROR_UNKNOWN -1
-
 struct event {
 	u64 ts_ns;
 	u64 skaddr;
@@ -49,12 +47,6 @@ struct attempt {
 
 /* LRU: an attempt whose end is never seen cannot pin an entry. */
 BPF_TABLE("lru_hash", u64, struct attempt, attempts, TCPTRACE_MAX_SOCKETS);
-
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 5, 0)
-#define read_kernel bpf_probe_read_kernel
-#else
-#define read_kernel bpf_probe_read
-#endif
 
 int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
@@ -96,13 +88,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		return 0;
 	if (newstate == TCP_CLOSE) {
 		ev.failed = 1;
-#ifdef OFF_SOCK_SK_ERR
-		s32 err = 0;
-		read_kernel(&err, sizeof(err), (void *)(skaddr + OFF_SOCK_SK_ERR));
-		ev.error = err;
-#else
-		ev.error = ERROR_UNKNOWN;
-#endif
+		ev.error = sock_error(skaddr); /* SOCK_ERROR_UNKNOWN without BTF */
 	}
 #ifdef FILTER_FAILED
 	if (!ev.failed)

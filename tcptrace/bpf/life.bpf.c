@@ -72,12 +72,6 @@ struct session {
 
 BPF_HASH(sessions, u64, struct session, TCPTRACE_MAX_SOCKETS);
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 5, 0)
-#define read_kernel bpf_probe_read_kernel
-#else
-#define read_kernel bpf_probe_read
-#endif
-
 static __always_inline int in_handshake(s32 state)
 {
 	return state == TCP_SYN_SENT || state == TCP_SYN_RECV;
@@ -104,11 +98,7 @@ static __always_inline u8 closer_of(s32 oldstate, s32 newstate)
 
 static __always_inline void read_bytes(u64 sk, struct event *ev)
 {
-#if defined(OFF_TCP_SOCK_BYTES_ACKED) && defined(OFF_TCP_SOCK_BYTES_RECEIVED)
-	if (read_kernel(&ev->tx_bytes, sizeof(ev->tx_bytes), (void *)(sk + OFF_TCP_SOCK_BYTES_ACKED)) == 0 &&
-	    read_kernel(&ev->rx_bytes, sizeof(ev->rx_bytes), (void *)(sk + OFF_TCP_SOCK_BYTES_RECEIVED)) == 0)
-		ev->bytes_known = 1;
-#endif
+	ev->bytes_known = tcp_bytes(sk, &ev->tx_bytes, &ev->rx_bytes);
 }
 
 static __always_inline void report(struct tp_inet_sock_set_state *args, u64 sk, struct session *s, u64 now)

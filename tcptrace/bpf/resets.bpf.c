@@ -73,12 +73,6 @@ struct sock_seen {
 
 BPF_TABLE("lru_hash", u64, struct sock_seen, seen, TCPTRACE_MAX_SOCKETS);
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 5, 0)
-#define read_kernel bpf_probe_read_kernel
-#else
-#define read_kernel bpf_probe_read
-#endif
-
 /*
  * Kernels whose tcp tracepoints lack `family` (5.10 and older) store an IPv4
  * socket's addresses v4-mapped (::ffff:a.b.c.d) in the IPv6 copies. Those

@@ -46,7 +46,8 @@
 /* Slots of tcptrace_stats, read and reported by the runtime. */
 #define STAT_LOST_OUTPUT 0 /* events dropped: the output buffer was full */
 #define STAT_UNTRACKED 1   /* sockets not tracked: a per-socket map was full */
-#define STAT_SLOTS 2
+#define STAT_EMITTED 2     /* events handed to the ring buffer (paces wakeups) */
+#define STAT_SLOTS 3
 
 BPF_PERCPU_ARRAY(tcptrace_stats, u64, STAT_SLOTS);
 
@@ -57,16 +58,38 @@ static __always_inline void stat_inc(u32 slot)
 		(*value)++;
 }
 
+/* A program that only counts in maps (exporter.bpf.c) defines
+ * TCPTRACE_NO_EVENTS: no output buffer is created for it. */
+#ifndef TCPTRACE_NO_EVENTS
 #ifdef TCPTRACE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, TCPTRACE_RINGBUF_PAGES);
 #else
 BPF_PERF_OUTPUT(events);
 #endif
 
+/*
+ * Ring buffer wakeups: the kernel wakes the reader for every event submitted
+ * while the reader is caught up, which at a few thousand events a second is
+ * nearly every event, and waking a Python reader costs more than the event.
+ * Only one event in TCPTRACE_WAKEUP_EVERY per CPU wakes it: the reader also
+ * polls every 100 ms, which bounds how late the others are seen.
+ */
+#ifndef TCPTRACE_WAKEUP_EVERY
+#define TCPTRACE_WAKEUP_EVERY 64
+#endif
+#define BPF_RB_NO_WAKEUP 1
+#define BPF_RB_FORCE_WAKEUP 2
+
 static __always_inline void emit(void *ctx, void *event, u32 size)
 {
 #ifdef TCPTRACE_RINGBUF
-	if (events.ringbuf_output(event, size, 0) != 0)
+	u32 slot = STAT_EMITTED;
+	u64 *emitted = tcptrace_stats.lookup(&slot);
+	u64 flags = BPF_RB_FORCE_WAKEUP;
+
+	if (emitted && (*emitted)++ % TCPTRACE_WAKEUP_EVERY != 0)
+		flags = BPF_RB_NO_WAKEUP;
+	if (events.ringbuf_output(event, size, flags) != 0)
 		stat_inc(STAT_LOST_OUTPUT);
 #else
 	/* The perf buffer reports a drop only when a later event gets
@@ -75,6 +98,7 @@ static __always_inline void emit(void *ctx, void *event, u32 size)
 		stat_inc(STAT_LOST_OUTPUT);
 #endif
 }
+#endif /* TCPTRACE_NO_EVENTS */
 
 /* Filters: integer #defines and maps filled by user space before attach. */
 static __always_inline int family_ok(u16 family)
@@ -153,6 +177,55 @@ static __always_inline u32 current_pid(void)
 static __always_inline int is_tcp(u16 protocol)
 {
 	return protocol == IPPROTO_TCP;
+}
+
+/* bcc defines KERNEL_VERSION; a plain C preprocessor (tests) may not. */
+#ifdef KERNEL_VERSION
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 5, 0)
+#define read_kernel bpf_probe_read_kernel
+#endif
+#endif
+#ifndef read_kernel
+#define read_kernel bpf_probe_read
+#endif
+
+/*
+ * Kernel struct members, at the offsets the running kernel's BTF gives
+ * (OFF_<STRUCT>_<MEMBER>, defined when a tool lists the member in its spec).
+ * Without an offset the value is unknown, never read from a guessed layout.
+ *
+ * tcp_bytes(): tcp_sock.bytes_acked and bytes_received, the kernel's own
+ * counters; bytes_acked counts the sequence space the peer acknowledged
+ * (our SYN on the connecting side, and our FIN), bytes_received the peer's
+ * FIN. Returns 1 when both were read.
+ */
+static __always_inline int tcp_bytes(u64 sk, u64 *acked, u64 *received)
+{
+#if defined(OFF_TCP_SOCK_BYTES_ACKED) && defined(OFF_TCP_SOCK_BYTES_RECEIVED)
+	return read_kernel(acked, sizeof(*acked), (void *)(sk + OFF_TCP_SOCK_BYTES_ACKED)) == 0 &&
+	       read_kernel(received, sizeof(*received), (void *)(sk + OFF_TCP_SOCK_BYTES_RECEIVED)) == 0;
+#else
+	return 0;
+#endif
+}
+
+/*
+ * sock_error(): sock.sk_err, the errno a failed socket keeps: ETIMEDOUT when
+ * the SYN retries ran out, ECONNREFUSED, an ICMP error, 0 when the
+ * application closed it; SOCK_ERROR_UNKNOWN without BTF.
+ */
+#define SOCK_ERROR_UNKNOWN -1
+
+static __always_inline s32 sock_error(u64 sk)
+{
+#ifdef OFF_SOCK_SK_ERR
+	s32 err = 0;
+
+	read_kernel(&err, sizeof(err), (void *)(sk + OFF_SOCK_SK_ERR));
+	return err;
+#else
+	return SOCK_ERROR_UNKNOWN;
+#endif
 }
 
 /*

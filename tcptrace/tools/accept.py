@@ -23,8 +23,8 @@ EVENT = Layout(
 )
 
 COLUMNS = (
-    Column("pid", "PID", 7, "d"),
-    Column("comm", "COMM", 10, truncate=True),
+    Column("pid", "PID", 7, "d", nullable=True),
+    Column("comm", "COMM", 10, truncate=True, nullable=True),
     Column("family", "IP", 2, "d", wide_only=True),
     Column("laddr", "LADDR", 15, wide=39),
     Column("lport", "LPORT", 5, "d"),

@@ -41,8 +41,8 @@ EVENT = Layout(
 )
 
 COLUMNS = (
-    Column("pid", "PID", 5, "d", wide=7),
-    Column("comm", "COMM", 10, truncate=True, wide=16),
+    Column("pid", "PID", 5, "d", wide=7, nullable=True),
+    Column("comm", "COMM", 10, truncate=True, wide=16, nullable=True),
     Column("family", "IP", 2, "d", wide_only=True),
     Column("laddr", "LADDR", 15, wide=39),
     Column("lport", "LPORT", 5, "d"),
@@ -50,14 +50,15 @@ COLUMNS = (
     Column("rport", "RPORT", 5, "d"),
     Column("tx_kb", "TX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS),
     Column("rx_kb", "RX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS),
-    Column("tx_bytes", "TX_BYTES", table=False, requires=BYTE_COUNTERS),
-    Column("rx_bytes", "RX_BYTES", table=False, requires=BYTE_COUNTERS),
-    Column("retransmits", "RETRANS", 7, "d", right=True, extended=True, requires=("tcp:tcp_retransmit_skb",)),
+    Column("tx_bytes", "TX_BYTES", table=False, requires=BYTE_COUNTERS, type="integer", nullable=True),
+    Column("rx_bytes", "RX_BYTES", table=False, requires=BYTE_COUNTERS, type="integer", nullable=True),
+    Column("retransmits", "RETRANS", 7, "d", right=True, extended=True, requires=("tcp:tcp_retransmit_skb",),
+           nullable=True),
     # Without resets seen, a session that ends straight in CLOSE has no closer.
-    Column("closed_by", "CLOSED_BY", 9, extended=True, requires=("tcp:tcp_receive_reset",)),
-    Column("connect_ms", "CONN_MS", 8, ".2f", right=True, extended=True),
-    Column("ms", "MS", table=False),
-    Column("partial", "PARTIAL", table=False),
+    Column("closed_by", "CLOSED_BY", 9, extended=True, requires=("tcp:tcp_receive_reset",), nullable=True),
+    Column("connect_ms", "CONN_MS", 8, ".2f", right=True, extended=True, nullable=True),
+    Column("ms", "MS", table=False, type="number"),
+    Column("partial", "PARTIAL", table=False, type="boolean"),
     Column("ms_text", "MS", 0, json=False),
 )
 

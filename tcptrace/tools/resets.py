@@ -29,16 +29,16 @@ EVENT = Layout(
 )
 
 COLUMNS = (
-    Column("pid", "PID", 7, "d"),
-    Column("comm", "COMM", 10, truncate=True),
+    Column("pid", "PID", 7, "d", nullable=True),
+    Column("comm", "COMM", 10, truncate=True, nullable=True),
     Column("family", "IP", 2, "d", wide_only=True),
     Column("dir", "DIR", 4),
     Column("laddr", "LADDR", 15, wide=39),
     Column("lport", "LPORT", 5, "d"),
     Column("raddr", "RADDR", 15, wide=39),
     Column("rport", "RPORT", 5, "d"),
-    Column("state", "STATE", 11),
-    Column("reason", "REASON", requires=("tcp:tcp_send_reset.reason",)),
+    Column("state", "STATE", 11, nullable=True),
+    Column("reason", "REASON", requires=("tcp:tcp_send_reset.reason",), nullable=True),
 )
 
 COUNT_KEY = Layout(
@@ -60,7 +60,7 @@ COUNT_COLUMNS = (
     Column("lport", "LPORT", 5, "d"),
     Column("raddr", "RADDR", 15, wide=39),
     Column("rport", "RPORT", 5, "d"),
-    Column("reason", "REASON", requires=("tcp:tcp_send_reset.reason",)),
+    Column("reason", "REASON", requires=("tcp:tcp_send_reset.reason",), nullable=True),
 )
 
 

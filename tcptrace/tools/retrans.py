@@ -45,19 +45,19 @@ ENDPOINT, ENDPOINT_WIDE = 21, 47
 OWNER = ("sock:inet_sock_set_state",)  # else only sockets /proc can still name
 
 COLUMNS = (
-    Column("pid", "PID", 7, "d", requires=OWNER),
-    Column("comm", "COMM", table=False, requires=OWNER),
+    Column("pid", "PID", 7, "d", requires=OWNER, nullable=True),
+    Column("comm", "COMM", table=False, requires=OWNER, nullable=True),
     Column("family", "IP", 2, "d"),
     Column("laddr", "LADDR", table=False),
-    Column("lport", "LPORT", table=False),
+    Column("lport", "LPORT", table=False, type="integer"),
     Column("local", "LADDR:LPORT", ENDPOINT, wide=ENDPOINT_WIDE, json=False),
     Column("arrow", "T>", 2, json=False),
     Column("raddr", "RADDR", table=False),
-    Column("rport", "RPORT", table=False),
+    Column("rport", "RPORT", table=False, type="integer"),
     Column("remote", "RADDR:RPORT", ENDPOINT, wide=ENDPOINT_WIDE, json=False),
-    Column("state", "STATE", 11),
+    Column("state", "STATE", 11, nullable=True),
     Column("type", "TYPE", table=False),
-    Column("err", "ERR", table=False),
+    Column("err", "ERR", table=False, type="integer", nullable=True),
 )
 
 COUNT_COLUMNS = (

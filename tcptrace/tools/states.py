@@ -35,7 +35,7 @@ COLUMNS = (
     Column("oldstate", "OLDSTATE", 11),
     Column("arrow", "->", 2, json=False),
     Column("newstate", "NEWSTATE", 11),
-    Column("ms", "MS", 0, ".3f"),
+    Column("ms", "MS", 0, ".3f", nullable=True),
 )
 
 

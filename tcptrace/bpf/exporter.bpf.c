@@ -1,0 +1,322 @@
+/*
+ * exporter.bpf.c: the counters and histograms `tcptrace exporter` serves to
+ * Prometheus, kept in the kernel. No event leaves the kernel: user space
+ * reads the maps when it is scraped.
+ *
+ * Tracepoints: sock:inet_sock_set_state (Linux 4.16+) for state changes,
+ * session lifespans and bytes, and how connects end; optional ones, each
+ * feeding its own metrics: tcp:tcp_retransmit_skb and
+ * tcp:tcp_retransmit_synack (4.15+), tcp:tcp_send_reset (4.16+; a reason
+ * since 6.10) and tcp:tcp_receive_reset (4.16+).
+ *
+ * Everything is counted in one struct per CPU (a per-CPU array of one
+ * entry): no atomic operation, no lock, and user space sums the CPUs' copies
+ * with one map read per scrape. A tracepoint program cannot run twice at
+ * once on one CPU, so plain increments are safe.
+ *
+ * The semantics are those of the tools that show the same things one event
+ * at a time:
+ * - A session (life.bpf.c) is born at CLOSE->SYN_SENT (connect) or
+ *   LISTEN->SYN_RECV (a listener's child) and observed when it changes to
+ *   CLOSE: its lifespan, and its bytes from struct tcp_sock at offsets from
+ *   BTF (tcp_bytes(): bytes_acked includes our SYN and FIN). A session born
+ *   before the exporter started is not observed; listeners are not sessions.
+ * - A connect (connect.bpf.c) ends at SYN_SENT->ESTABLISHED (ok) or at
+ *   ->CLOSE during the handshake: refused when a reset arrived meanwhile,
+ *   else the socket's sk_err says how (sock_error()).
+ * - Retransmits (retrans.bpf.c) that the kernel failed to send (err != 0,
+ *   6.18 reports them) are left out; the state is the tracepoint's.
+ * - Resets sent are counted by the kernel's reason (tcp_send_reset.reason,
+ *   6.10+); the names come from the running kernel's format file.
+ * The local port of a connecting socket is chosen after CLOSE->SYN_SENT, so
+ * -L/-D are checked when a session or a connect ends, and at every change.
+ *
+ * Per-socket state lives in an LRU hash: a socket whose end is never seen
+ * cannot pin an entry in a daemon that runs for months.
+ */
+#define TCPTRACE_NO_EVENTS 1
+#include "tcptrace.h"
+
+/* Slots of the arrays in struct metrics, which user space reads by the
+ * same numbers (tcptrace/exporter.py):
+ * - transitions: oldstate * STATE_SLOTS + newstate;
+ * - histograms: slot k counts values in (2^(k-1), 2^k], slot 0 counts 0 and 1;
+ * - retransmits: the state, 0 when the tracepoint has none (4.19);
+ * - resets_sent: the kernel's reason 0..125, REASON_OTHER for 126 and above,
+ *   REASON_NONE when tcp_send_reset has no reason (before 6.10);
+ * - connect_errors: sk_err 0..254, 255 for any larger one.
+ * Every size is a power of two, for SLOT(). */
+#define STATE_SLOTS 16
+#define TRANSITION_SLOTS 256
+#define HIST_SLOTS 64
+#define REASON_SLOTS 128
+#define REASON_OTHER 126
+#define REASON_NONE 127
+#define ERRNO_SLOTS 256
+
+/*
+ * An array index the verifier can bound. Once clang has proven a range
+ * check it may index with another copy of the value, one the verifier knows
+ * nothing about; after the empty asm clang knows nothing either, so the
+ * mask stays, on the very register used to index. The value is already
+ * below size: the mask changes nothing.
+ */
+#define SLOT(value, size)                                                      \
+	({                                                                     \
+		u32 __slot = (value);                                          \
+		asm volatile("" : "+r"(__slot));                               \
+		__slot & ((size) - 1);                                         \
+	})
+
+struct metrics {
+	u64 transitions[TRANSITION_SLOTS];
+	u64 duration_ns[HIST_SLOTS];
+	u64 duration_ns_sum;
+	u64 tx_bytes[HIST_SLOTS];
+	u64 tx_bytes_sum;
+	u64 rx_bytes[HIST_SLOTS];
+	u64 rx_bytes_sum;
+	u64 retransmits[STATE_SLOTS];
+	u64 synack_retransmits;
+	u64 resets_sent[REASON_SLOTS];
+	u64 resets_received;
+	u64 connects_ok;
+	u64 connects_reset;
+	u64 connects_unknown;
+	u64 connect_errors[ERRNO_SLOTS];
+};
+
+BPF_PERCPU_ARRAY(metrics, struct metrics, 1);
+
+struct conn {
+	u64 birth_ns;
+	u32 connecting; /* from CLOSE->SYN_SENT to the end of the handshake */
+	u32 reset;	/* a reset arrived while connecting */
+};
+
+BPF_TABLE("lru_hash", u64, struct conn, conns, TCPTRACE_MAX_SOCKETS);
+
+#ifdef TOP_REMOTES
+/* Per remote address, for --top-remotes: an LRU hash of TOP_REMOTES
+ * entries, of which user space shows the busiest K. */
+struct remote_key {
+	u8 addr[16];
+	u16 family;
+	u16 unused[3];
+};
+
+struct remote_counts {
+	u64 connections;
+	u64 retransmits;
+};
+
+BPF_TABLE("lru_hash", struct remote_key, struct remote_counts, remotes, TOP_REMOTES);
+
+#define REMOTE_KEY(key, args)                                                  \
+	do {                                                                   \
+		(key)->family = (args)->family;                                \
+		if ((key)->family == AF_INET6)                                 \
+			__builtin_memcpy((key)->addr, (args)->daddr_v6, 16);   \
+		else                                                           \
+			__builtin_memcpy((key)->addr, (args)->daddr, 4);       \
+	} while (0)
+
+static __always_inline struct remote_counts *remote_counts_of(struct remote_key *key)
+{
+	struct remote_counts zero = {};
+	struct remote_counts *c = remotes.lookup_or_try_init(key, &zero);
+
+	if (!c)
+		stat_inc(STAT_LOST_OUTPUT); /* an event that could not be counted */
+	return c;
+}
+#endif
+
+static __always_inline struct metrics *counters(void)
+{
+	u32 zero = 0;
+
+	return metrics.lookup(&zero);
+}
+
+static __always_inline u32 hist_slot(u64 value)
+{
+	if (value <= 1)
+		return 0;
+	u32 slot = bpf_log2l(value - 1); /* bits of value - 1: 2^slot >= value */
+	return SLOT(slot < HIST_SLOTS ? slot : HIST_SLOTS - 1, HIST_SLOTS);
+}
+
+static __always_inline void observe_session(struct metrics *m, u64 sk, u64 span_ns)
+{
+	u64 tx = 0, rx = 0;
+
+	m->duration_ns[hist_slot(span_ns)]++;
+	m->duration_ns_sum += span_ns;
+	if (tcp_bytes(sk, &tx, &rx)) {
+		m->tx_bytes[hist_slot(tx)]++;
+		m->tx_bytes_sum += tx;
+		m->rx_bytes[hist_slot(rx)]++;
+		m->rx_bytes_sum += rx;
+	}
+}
+
+static __always_inline void count_failed_connect(struct metrics *m, struct conn *c, u64 sk)
+{
+	if (c->reset) {
+		m->connects_reset++;
+		return;
+	}
+	s32 err = sock_error(sk);
+	if (err < 0) {
+		m->connects_unknown++;
+		return;
+	}
+	u32 slot = err < ERRNO_SLOTS - 1 ? err : ERRNO_SLOTS - 1;
+	m->connect_errors[SLOT(slot, ERRNO_SLOTS)]++;
+}
+
+int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
+{
+	if (!is_tcp(args->protocol))
+		return 0;
+
+	u64 sk = args->skaddr;
+	s32 oldstate = args->oldstate;
+	s32 newstate = args->newstate;
+	int counted = ports_ok(args->sport, args->dport);
+	struct metrics *m = counters();
+
+	if (!m)
+		return 0;
+	/* Unsigned: a negative state fails the bound too. */
+	u32 from = oldstate, to = newstate;
+	if (counted && from < STATE_SLOTS && to < STATE_SLOTS)
+		m->transitions[SLOT(from * STATE_SLOTS + to, TRANSITION_SLOTS)]++;
+#ifdef TOP_REMOTES
+	if (counted && newstate == TCP_ESTABLISHED && (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV)) {
+		struct remote_key key = {};
+		REMOTE_KEY(&key, args);
+		struct remote_counts *r = remote_counts_of(&key);
+		if (r)
+			__sync_fetch_and_add(&r->connections, 1);
+	}
+#endif
+
+	if ((oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) ||
+	    (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV)) {
+		struct conn fresh = {};
+		fresh.birth_ns = bpf_ktime_get_ns();
+		fresh.connecting = newstate == TCP_SYN_SENT;
+		if (conns.update(&sk, &fresh) != 0)
+			stat_inc(STAT_UNTRACKED);
+		return 0;
+	}
+	/* A simultaneous open passes through SYN_RECV: still connecting. */
+	if (newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
+		return 0;
+	struct conn *c = conns.lookup(&sk);
+	if (!c)
+		return 0;
+	if (c->connecting) {
+		c->connecting = 0;
+		if (counted && newstate == TCP_ESTABLISHED)
+			m->connects_ok++;
+		else if (counted)
+			count_failed_connect(m, c, sk);
+	}
+	if (newstate == TCP_CLOSE) {
+		if (counted)
+			observe_session(m, sk, bpf_ktime_get_ns() - c->birth_ns);
+		conns.delete(&sk);
+	}
+	return 0;
+}
+
+#ifdef HAVE_TCP_RETRANSMIT_SKB
+int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
+{
+#ifdef HAS_TCP_RETRANSMIT_SKB_ERR
+	if (args->err != 0)
+		return 0;
+#endif
+	if (!ports_ok(args->sport, args->dport))
+		return 0;
+	struct metrics *m = counters();
+	if (!m)
+		return 0;
+	u32 slot = 0; /* the tracepoint has no state (4.19) */
+#ifdef HAS_TCP_RETRANSMIT_SKB_STATE
+	s32 state = args->state;
+	if (state > 0 && state < STATE_SLOTS)
+		slot = state;
+#endif
+	m->retransmits[SLOT(slot, STATE_SLOTS)]++;
+#if defined(TOP_REMOTES) && defined(HAS_TCP_RETRANSMIT_SKB_FAMILY)
+	struct remote_key key = {};
+	REMOTE_KEY(&key, args);
+	struct remote_counts *r = remote_counts_of(&key);
+	if (r)
+		__sync_fetch_and_add(&r->retransmits, 1);
+#endif
+	return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_RETRANSMIT_SYNACK
+int on_tcp_retransmit_synack(struct tp_tcp_retransmit_synack *args)
+{
+	if (!ports_ok(args->sport, args->dport))
+		return 0;
+	struct metrics *m = counters();
+	if (m)
+		m->synack_retransmits++;
+	return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_SEND_RESET
+int on_tcp_send_reset(struct tp_tcp_send_reset *args)
+{
+	u16 lport = 0, rport = 0;
+
+#if HAS_TCP_SEND_RESET_SADDR == 28
+	/* struct sockaddr_in/in6 (6.10+), port in network order at byte 2;
+	 * the source is always the side sending the reset (see resets.bpf.c). */
+	lport = ((u16)args->saddr[2] << 8) | args->saddr[3];
+	rport = ((u16)args->daddr[2] << 8) | args->daddr[3];
+#elif defined(HAS_TCP_SEND_RESET_SPORT)
+	lport = args->sport;
+	rport = args->dport;
+#endif
+	if (!ports_ok(lport, rport))
+		return 0;
+	struct metrics *m = counters();
+	if (!m)
+		return 0;
+	u32 slot = REASON_NONE;
+#ifdef HAS_TCP_SEND_RESET_REASON
+	u32 reason = args->reason;
+	slot = reason < REASON_OTHER ? reason : REASON_OTHER;
+#endif
+	m->resets_sent[SLOT(slot, REASON_SLOTS)]++;
+	return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_RECEIVE_RESET
+int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
+{
+	u64 sk = args->skaddr;
+	struct conn *c = conns.lookup(&sk);
+
+	if (c && c->connecting)
+		c->reset = 1;
+	if (!ports_ok(args->sport, args->dport))
+		return 0;
+	struct metrics *m = counters();
+	if (m)
+		m->resets_received++;
+	return 0;
+}
+#endif

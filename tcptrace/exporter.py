@@ -1,0 +1,567 @@
+"""tcptrace exporter: TCP metrics for Prometheus, counted in the kernel.
+
+One BPF program (bpf/exporter.bpf.c) counts state changes, session
+lifespans and bytes, retransmits, resets and connect results into one
+per-CPU struct; a scrape reads it once (summing the CPUs) and turns it into
+metric families. Nothing runs per event in user space.
+
+The metrics are declared once, in METRICS: the collector takes their names,
+types and help from there, and so do `tcptrace exporter --help` and the
+README's table (markdown_table()). Nothing here imports bcc; prometheus_client
+is imported only when the exporter runs, so other subcommands never need it.
+"""
+
+import array
+import ipaddress
+import os
+import re
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+
+import click
+
+from . import __version__, net, tcpstate
+from .errors import EXIT_OK, TcptraceError
+from .layout import Layout
+from .spec import DecodeContext, Example, ToolSpec, Tracepoint
+from .tools import connect, resets
+
+DEFAULT_LISTEN = "127.0.0.1:9464"
+MAX_TOP_REMOTES = 1000  # the bound on --top-remotes: series per remote metric
+PREFIX = "tcptrace_"
+
+# -- the kernel side's struct and slots (exporter.bpf.c) ---------------------------
+
+STATE_SLOTS = 16
+HIST_SLOTS = 64
+REASON_SLOTS = 128
+REASON_OTHER = 126
+REASON_NONE = 127
+ERRNO_SLOTS = 256
+
+COUNTERS = Layout(
+    [
+        ("transitions", f"u64[{STATE_SLOTS * STATE_SLOTS}]"),
+        ("duration_ns", f"u64[{HIST_SLOTS}]"),
+        ("duration_ns_sum", "u64"),
+        ("tx_bytes", f"u64[{HIST_SLOTS}]"),
+        ("tx_bytes_sum", "u64"),
+        ("rx_bytes", f"u64[{HIST_SLOTS}]"),
+        ("rx_bytes_sum", "u64"),
+        ("retransmits", f"u64[{STATE_SLOTS}]"),
+        ("synack_retransmits", "u64"),
+        ("resets_sent", f"u64[{REASON_SLOTS}]"),
+        ("resets_received", "u64"),
+        ("connects_ok", "u64"),
+        ("connects_reset", "u64"),
+        ("connects_unknown", "u64"),
+        ("connect_errors", f"u64[{ERRNO_SLOTS}]"),
+    ]
+)
+
+REMOTE_KEY = Layout([("addr", "u8[16]"), ("family", "u16"), ("unused", "u16[3]")])
+REMOTE_COUNTS = Layout([("connections", "u64"), ("retransmits", "u64")])
+
+# Histogram buckets: slot k of the kernel's histograms holds values in
+# (2^(k-1), 2^k], so the bucket le=2^k is exact. Exported: this range of k,
+# the smaller slots folded into the first bucket (buckets are cumulative).
+DURATION_POWERS = range(10, 47)  # 2^10 ns (1 us) .. 2^46 ns (19.5 hours)
+BYTES_POWERS = range(0, 41)  # 1 byte .. 1 TiB
+
+# -- the metrics: the one place they are declared ----------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # counters end in _total
+    kind: str  # counter, gauge or histogram
+    help: str
+    labels: tuple = ()
+    source: str = ""  # the tracepoint that feeds it, for the docs
+    opt_in: str = ""  # the option without which it is not served
+
+    @property
+    def signature(self):
+        return self.name + ("{" + ",".join(self.labels) + "}" if self.labels else "")
+
+
+METRICS = (
+    Metric(PREFIX + "tcp_state_transitions_total", "counter",
+           "TCP state changes, by old and new state (the kernel's state names).",
+           ("from", "to"), "sock:inet_sock_set_state"),
+    Metric(PREFIX + "tcp_session_duration_seconds", "histogram",
+           "Lifespans of TCP sessions that closed: from connect() (CLOSE->SYN_SENT) or from a "
+           "listener's child (LISTEN->SYN_RECV) to CLOSE. Buckets are powers of two nanoseconds.",
+           (), "sock:inet_sock_set_state"),
+    Metric(PREFIX + "tcp_session_sent_bytes", "histogram",
+           "Bytes each closed session sent and the peer acknowledged (tcp_sock.bytes_acked, with "
+           "our SYN and FIN). Buckets are powers of two; not observed without kernel BTF.",
+           (), "sock:inet_sock_set_state"),
+    Metric(PREFIX + "tcp_session_received_bytes", "histogram",
+           "Bytes each closed session received (tcp_sock.bytes_received, with the peer's FIN). "
+           "Buckets are powers of two; not observed without kernel BTF.",
+           (), "sock:inet_sock_set_state"),
+    Metric(PREFIX + "tcp_retransmits_total", "counter",
+           "Segments sent again, by the connection's state (\"unknown\" where the kernel does not "
+           "say); attempts that failed to send are left out. One event may carry several segments.",
+           ("state",), "tcp:tcp_retransmit_skb"),
+    Metric(PREFIX + "tcp_synack_retransmits_total", "counter",
+           "SYN-ACKs a listener sent again: handshakes whose last ACK did not arrive.",
+           (), "tcp:tcp_retransmit_synack"),
+    Metric(PREFIX + "tcp_resets_total", "counter",
+           "Resets sent and received. reason is the running kernel's own name for why it sent one "
+           "(Linux 6.10+: NO_SOCKET, TCP_ABORT_ON_CLOSE...); \"none\" for received resets and "
+           "kernels without reasons.",
+           ("direction", "reason"), "tcp:tcp_send_reset, tcp:tcp_receive_reset"),
+    Metric(PREFIX + "tcp_connects_total", "counter",
+           "Active opens by how the handshake ended, as `tcptrace connect` shows it: OK, REFUSED (a "
+           "reset answered), TIMEOUT (the SYN retries ran out), CLOSED (the application gave up "
+           "first), or the errno the socket kept (EHOSTUNREACH...); FAILED without kernel BTF. "
+           "Failures are result!=\"OK\".",
+           ("result",), "sock:inet_sock_set_state, tcp:tcp_receive_reset"),
+    Metric(PREFIX + "remote_connections_total", "counter",
+           "Connections established (either direction) with each of the K busiest remote addresses.",
+           ("remote",), "sock:inet_sock_set_state", "--top-remotes K"),
+    Metric(PREFIX + "remote_retransmits_total", "counter",
+           "Retransmits towards each of the K remote addresses with the most.",
+           ("remote",), "tcp:tcp_retransmit_skb", "--top-remotes K"),
+    Metric(PREFIX + "lost_events_total", "counter",
+           "Events the kernel side could not count (the --top-remotes map could not take an address).",
+           (), ""),
+    Metric(PREFIX + "untracked_sockets_total", "counter",
+           "Sockets whose session or connect could not be followed (no room in the per-socket map; past "
+           "65536 sockets open at once the oldest are forgotten instead, uncounted).",
+           (), ""),
+    Metric(PREFIX + "up", "gauge", "1 when the kernel's counters were read for this scrape, else 0.", (), ""),
+    Metric(PREFIX + "build_info", "gauge",
+           "Always 1: tcptrace's version, the kernel release, the bcc version and how the program was built.",
+           ("version", "kernel", "bcc", "build"), ""),
+    Metric(PREFIX + "programs_loaded", "gauge",
+           "BPF programs loaded and attached (one per tracepoint).", (), ""),
+    Metric(PREFIX + "tracepoint_attached", "gauge",
+           "1 for each tracepoint the exporter is attached to, 0 for one this kernel lacks.",
+           ("tracepoint",), ""),
+)
+
+BY_NAME = {m.name: m for m in METRICS}
+
+
+def metrics_help(width=78):
+    """The metric list for --help, from METRICS."""
+    lines = ["\b", "Metrics (served at http://ADDR:PORT/metrics):"]
+    for m in METRICS:
+        opt = f", with {m.opt_in}" if m.opt_in else ""
+        lines.append(f"  {m.signature}  ({m.kind}{opt})")
+        lines += textwrap.wrap(m.help, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def markdown_table():
+    """The README's metrics table, from METRICS."""
+    rows = ["| metric | type | labels | what | from |", "|---|---|---|---|---|"]
+    for m in METRICS:
+        what = m.help.replace("|", "\\|") + (f" Only with `{m.opt_in}`." if m.opt_in else "")
+        labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
+        rows.append(f"| `{m.name}` | {m.kind} | {labels} | {what} | {m.source or 'tcptrace'} |")
+    return "\n".join(rows)
+
+
+# -- the tool declaration ----------------------------------------------------------
+
+SET_STATE = Tracepoint("sock:inet_sock_set_state",
+                       fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+                               "saddr", "daddr", "saddr_v6", "daddr_v6"),
+                       since="4.16")
+
+SPEC = ToolSpec(
+    name="exporter",
+    summary="Serve TCP metrics to Prometheus, counted in the kernel.",
+    description=(
+        "Serve Prometheus metrics over HTTP: TCP state changes, session lifespans and bytes, "
+        "retransmits, resets with the kernel's reasons, connect results, and tcptrace's own health. "
+        "Everything is counted in the kernel; a scrape reads the counters once. No label names a "
+        "connection: the series are bounded whatever the traffic (remote addresses only with "
+        f"--top-remotes K, at most K series per metric, K <= {MAX_TOP_REMOTES}). -L/-D count only "
+        "these local/remote ports. Stop with SIGTERM or Ctrl-C; a new start attaches afresh."
+    ),
+    bpf="exporter.bpf.c",
+    event=Layout([]),
+    columns=(),
+    decode=lambda values, ctx: None,
+    tracepoints=(
+        SET_STATE,
+        Tracepoint("tcp:tcp_retransmit_skb", fields=("skaddr", "sport", "dport"), since="4.15", optional=True),
+        Tracepoint("tcp:tcp_retransmit_synack", fields=("sport", "dport"), since="4.15", optional=True),
+        Tracepoint("tcp:tcp_send_reset", fields=("skaddr", "saddr", "daddr"), since="4.16", optional=True),
+        Tracepoint("tcp:tcp_receive_reset", fields=("skaddr", "sport", "dport"), since="4.16", optional=True),
+    ),
+    options=("localport", "remoteport"),
+    btf={"tcp_sock": ("bytes_acked", "bytes_received"), "sock": ("sk_err",)},
+    examples=(
+        Example("tcptrace exporter", f"serve on {DEFAULT_LISTEN}"),
+        Example("tcptrace exporter --listen 0.0.0.0:9464", "on every IPv4 address"),
+        Example("tcptrace exporter --listen [::]:9464", "on every address, v6 and v4"),
+        Example("tcptrace exporter -L 443", "count only local port 443"),
+        Example("tcptrace exporter --top-remotes 20", "add the 20 busiest remotes"),
+        Example(f"curl -s http://{DEFAULT_LISTEN}/metrics", "what Prometheus reads"),
+    ),
+)
+
+
+# -- from the kernel's bytes to numbers ---------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """What one scrape read: plain numbers, no bcc."""
+
+    counters: dict  # COUNTERS field -> int or list of ints, summed over the CPUs
+    lost: int = 0
+    untracked: int = 0
+    remotes: list = field(default_factory=list)  # (address text, connections, retransmits)
+
+
+def sum_cpus(per_cpu):
+    """The per-CPU copies of struct metrics, summed into {field: value}."""
+    width = COUNTERS.size // 8
+    total = [0] * width
+    for raw in per_cpu:
+        values = array.array("Q", raw[: COUNTERS.size])
+        if len(values) != width:
+            raise ValueError(f"a per-CPU value of {len(raw)} bytes, expected {COUNTERS.size}")
+        total = [a + b for a, b in zip(total, values)]
+    out = {}
+    for name, ftype in COUNTERS.fields:
+        start = COUNTERS.offsets[name] // 8
+        count = int(ftype[4:-1]) if "[" in ftype else 0
+        out[name] = total[start : start + count] if count else total[start]
+    return out
+
+
+def decode_remotes(items):
+    """(address, connections, retransmits) from the remotes map's bytes."""
+    out = []
+    for key, value in items:
+        addr, family, _unused = REMOTE_KEY.struct.unpack(key[: REMOTE_KEY.size])
+        connections, retransmits = REMOTE_COUNTS.struct.unpack(value[: REMOTE_COUNTS.size])
+        out.append((net.address(family, addr), connections, retransmits))
+    return out
+
+
+def top(remotes, index, k):
+    """The k remotes with the most of one count (ties by address), zeros left out."""
+    ranked = sorted((r for r in remotes if r[index]), key=lambda r: (-r[index], r[0]))
+    return [(r[0], r[index]) for r in ranked[:k]]
+
+
+# -- from numbers to metric families -------------------------------------------------
+
+
+def _family(name, **kwargs):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    m = BY_NAME[name]
+    cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[m.kind]
+    if m.kind == "histogram":
+        return cls(m.name, m.help, **kwargs)
+    return cls(m.name, m.help, labels=list(m.labels), **kwargs)
+
+
+def histogram_buckets(slots, powers, scale):
+    """Cumulative (le, count) pairs, then +Inf: bucket le=2^k holds slots 0..k."""
+    from prometheus_client.utils import floatToGoString
+
+    out = []
+    for k in powers:
+        out.append((floatToGoString((1 << k) * scale), sum(slots[: k + 1])))
+    out.append(("+Inf", sum(slots)))
+    return out
+
+
+def reset_reason(slot, ctx):
+    if slot == REASON_NONE:
+        return "none"
+    name = ctx.symbols.get(resets.REASON_SYMBOLS, {}).get(slot)
+    if name:
+        return name
+    return "OTHER" if slot == REASON_OTHER else str(slot)
+
+
+def connect_results(c):
+    """{result label: count} of the connect counters, as `tcptrace connect` names them."""
+    results = {}
+
+    def add(label, count):
+        if count:
+            results[label] = results.get(label, 0) + count
+
+    add("OK", c["connects_ok"])
+    add(connect.result(1, 1, 0), c["connects_reset"])
+    add(connect.result(1, 0, connect.ERROR_UNKNOWN), c["connects_unknown"])
+    for err, count in enumerate(c["connect_errors"]):
+        add("OTHER" if err == ERRNO_SLOTS - 1 else connect.result(1, 0, err), count)
+    return results
+
+
+def families(snapshot, ctx, health, top_remotes=0):
+    """Every metric family of one scrape. `health` holds the build info and
+    what is attached; `snapshot` is None when the counters could not be read."""
+    out = []
+    up = _family(PREFIX + "up")
+    up.add_metric([], 1 if snapshot is not None else 0)
+    out.append(up)
+    info = _family(PREFIX + "build_info")
+    info.add_metric([__version__, health["kernel"], health["bcc"], health["build"]], 1)
+    out.append(info)
+    loaded = _family(PREFIX + "programs_loaded")
+    loaded.add_metric([], len(health["attached"]))
+    out.append(loaded)
+    attached = _family(PREFIX + "tracepoint_attached")
+    for name in health["tracepoints"]:
+        attached.add_metric([name], 1 if name in health["attached"] else 0)
+    out.append(attached)
+    if snapshot is None:
+        return out
+
+    c = snapshot.counters
+    transitions = _family(PREFIX + "tcp_state_transitions_total")
+    for slot, count in enumerate(c["transitions"]):
+        if count:
+            old, new = divmod(slot, STATE_SLOTS)
+            transitions.add_metric([tcpstate.name(old), tcpstate.name(new)], count)
+    out.append(transitions)
+
+    for name, key, powers, scale in (
+        ("tcp_session_duration_seconds", "duration_ns", DURATION_POWERS, 1e-9),
+        ("tcp_session_sent_bytes", "tx_bytes", BYTES_POWERS, 1),
+        ("tcp_session_received_bytes", "rx_bytes", BYTES_POWERS, 1),
+    ):
+        hist = _family(PREFIX + name)
+        hist.add_metric([], histogram_buckets(c[key], powers, scale), c[key + "_sum"] * scale)
+        out.append(hist)
+
+    retrans = _family(PREFIX + "tcp_retransmits_total")
+    for state, count in enumerate(c["retransmits"]):
+        if count:
+            retrans.add_metric([tcpstate.name(state) if state else "unknown"], count)
+    out.append(retrans)
+    synack = _family(PREFIX + "tcp_synack_retransmits_total")
+    synack.add_metric([], c["synack_retransmits"])
+    out.append(synack)
+
+    reset_family = _family(PREFIX + "tcp_resets_total")
+    sent = {}
+    for slot, count in enumerate(c["resets_sent"]):
+        if count:
+            reason = reset_reason(slot, ctx)
+            sent[reason] = sent.get(reason, 0) + count
+    for reason, count in sent.items():
+        reset_family.add_metric(["sent", reason], count)
+    if c["resets_received"]:
+        reset_family.add_metric(["received", "none"], c["resets_received"])
+    out.append(reset_family)
+
+    connects = _family(PREFIX + "tcp_connects_total")
+    for result, count in connect_results(c).items():
+        connects.add_metric([result], count)
+    out.append(connects)
+
+    if top_remotes:
+        for name, index in (("remote_connections_total", 1), ("remote_retransmits_total", 2)):
+            remote = _family(PREFIX + name)
+            for addr, count in top(snapshot.remotes, index, top_remotes):
+                remote.add_metric([addr], count)
+            out.append(remote)
+
+    lost = _family(PREFIX + "lost_events_total")
+    lost.add_metric([], snapshot.lost)
+    out.append(lost)
+    untracked = _family(PREFIX + "untracked_sockets_total")
+    untracked.add_metric([], snapshot.untracked)
+    out.append(untracked)
+    return out
+
+
+class Collector:
+    """A prometheus_client collector over a loaded session: each scrape
+    reads the kernel's counters once."""
+
+    def __init__(self, session, top_remotes=0):
+        self.session = session
+        self.top_remotes = top_remotes
+        self.lock = threading.Lock()
+        self.failed = False
+        self.ctx = DecodeContext(symbols=session.ctx.symbols)
+        self.health = {
+            "kernel": os.uname().release,
+            "bcc": session.bcc_version,
+            "build": session.build_mode,
+            "tracepoints": [tp.name for tp in session.spec.tracepoints],
+            "attached": list(session.attached),
+        }
+
+    def snapshot(self):
+        session = self.session
+        counters = sum_cpus(session.read_percpu("metrics"))
+        session.read_stats()
+        remotes = decode_remotes(session.read_table("remotes")) if self.top_remotes else []
+        return Snapshot(counters, session.lost, session.untracked, remotes)
+
+    def collect(self):
+        with self.lock:
+            try:
+                snap = self.snapshot()
+                self.failed = False
+            except Exception as e:  # reported once, and as tcptrace_up 0
+                if not self.failed:
+                    self.session.say(f"reading the kernel's counters failed: {e}")
+                self.failed = True
+                snap = None
+        return families(snap, self.ctx, self.health, self.top_remotes)
+
+
+# -- serving -----------------------------------------------------------------------
+
+
+def parse_listen(value):
+    """(host, port, family) from ADDR:PORT, [IPV6]:PORT; raises ValueError."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]+)\]:([0-9]{1,5})|([0-9.]+):([0-9]{1,5})", value or "")
+    if not m:
+        raise ValueError(f"expected ADDR:PORT or [IPV6]:PORT, got {value!r}")
+    bracketed = bool(m.group(1))
+    host, port = (m.group(1), m.group(2)) if bracketed else (m.group(3), m.group(4))
+    try:
+        addr = (ipaddress.IPv6Address if bracketed else ipaddress.IPv4Address)(host)
+    except ValueError:
+        kind = "an IPv6" if bracketed else "an IPv4"
+        raise ValueError(f"{host!r} is not {kind} address") from None
+    port = int(port)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return str(addr), port, 6 if addr.version == 6 else 4
+
+
+def bind(host, port, version):
+    """The HTTP server, bound before any BPF work so that a port in use
+    fails fast; its app is set once the program is attached."""
+    import socket
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):  # stdout and stderr stay for tcptrace's own lines
+            pass
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6 if version == 6 else socket.AF_INET
+
+    try:
+        return Server((host, port), Quiet)
+    except OSError as e:
+        where = f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
+        raise TcptraceError(f"cannot listen on {where} ({e.strerror or e}): pick another with --listen.")
+
+
+def run_options(lports=(), rports=(), top_remotes=0, verbose=False):
+    from .runtime import RunOptions
+
+    extra = {}
+    if top_remotes:
+        extra["TOP_REMOTES"] = min(65536, max(1024, 16 * top_remotes))
+    return RunOptions(lports=lports, rports=rports, verbose=verbose, extra=extra)
+
+
+def serve(listen, opts, top_remotes=0, err=sys.stderr):
+    """Bind, load, attach, serve until SIGINT/SIGTERM/SIGHUP; returns the exit status."""
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
+    from . import runtime
+
+    host, port, version = listen
+    server = bind(host, port, version)
+    session = runtime.Session(SPEC, opts, writer=None, err=err, buffer=False)
+    thread = None
+    try:
+        session.open()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Collector(session, top_remotes))
+        server.set_app(make_wsgi_app(registry))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        thread.start()
+        where = f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
+        missing = [tp.name for tp in SPEC.tracepoints if tp.name not in session.attached]
+        session.say(f"serving metrics on http://{where}/metrics"
+                    + (f" (this kernel lacks {', '.join(missing)})" if missing else ""))
+        with runtime.Stopper() as stopper:
+            while not stopper.stop:
+                time.sleep(0.2)
+    finally:
+        if thread is not None:
+            server.shutdown()
+        server.server_close()
+        session.close()
+    return EXIT_OK
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+def _listen(ctx, param, value):
+    try:
+        return parse_listen(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--listen")
+
+
+def _epilog():
+    width = max(len(e.command) for e in SPEC.examples)
+    lines = ["\b", "Examples:"] + [f"  {e.command.ljust(width)}  # {e.what}" for e in SPEC.examples]
+    return "\n".join(lines) + "\n\n" + metrics_help()
+
+
+def make_command(options):
+    """The click command; `options` is cli.OPTIONS (the shared vocabulary)."""
+
+    def callback(lport, rport, listen, top_remotes, verbose, ebpf, formats_dir):
+        from .cli import _fail, _print_program
+
+        opts = run_options(lport or (), rport or (), top_remotes or 0, verbose)
+        try:
+            if ebpf:
+                _print_program(SPEC, opts, formats_dir)
+                sys.exit(EXIT_OK)
+            status = serve(listen, opts, top_remotes or 0)
+        except TcptraceError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            status = EXIT_OK
+        sys.exit(status)
+
+    command = click.Command(
+        SPEC.name, callback=callback, help=SPEC.description, short_help=SPEC.summary, epilog=_epilog(),
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    decorators = [
+        options["localport"],
+        options["remoteport"],
+        click.option("--listen", default=DEFAULT_LISTEN, show_default=True, callback=_listen, metavar="ADDR:PORT",
+                     help="Where to serve /metrics: an IPv4 address or a bracketed IPv6 one, and a port."),
+        click.option("--top-remotes", type=click.IntRange(1, MAX_TOP_REMOTES), metavar="K",
+                     help="Also count per remote address and serve the K busiest (off by default: "
+                          "one series per address)."),
+        click.option("--verbose", is_flag=True, help="Report on stderr how the program was built and attached."),
+        click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit (no root needed)."),
+        click.option("--formats", "formats_dir", type=click.Path(exists=True, file_okay=False), hidden=True,
+                     help="Read tracepoint formats from saved files instead of tracefs."),
+    ]
+    for decorate in decorators:
+        command = decorate(command)
+    return command
+
+
+__all__ = ["METRICS", "SPEC", "make_command", "families", "parse_listen"]
