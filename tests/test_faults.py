@@ -179,3 +179,14 @@ def test_verifier_rejection(bpf, report, monkeypatch):
     assert "verifier" in str(caught.value) and "sock:inet_sock_set_state" in str(caught.value)
     report("Faults", "a program the verifier rejects (a read past the tracepoint record)",
            f"exit {caught.value.exit_code}: tcptrace: {caught.value}")
+
+
+def test_second_interrupt_while_finishing(bpf, report):
+    """Two Ctrl-C in a row (the second while the run ends): still status 0
+    and no traceback."""
+    with Tracer("states", "-o", "json") as t:
+        t.proc.send_signal(signal.SIGINT)
+        t.proc.send_signal(signal.SIGINT)
+        assert t.wait(timeout=30) == 0, t.stderr
+    assert "Traceback" not in t.stderr
+    report("Faults", "two SIGINTs in a row (Ctrl-C twice)", f"exit {t.returncode}, nothing on stderr but the run's summary")

@@ -373,7 +373,7 @@ def test_records_without_family_state_or_err(bpf, ip, monkeypatch, tmp_path):
                 for t in (full, old, old_counts):
                     t.proc.send_signal(signal.SIGINT)
                 for t in (full, old, old_counts):
-                    assert t.stop(settle=0) == 0, t.stderr
+                    assert t.wait(timeout=30) == 0, t.stderr
 
     rows = without_time(full.json_rows())
     assert rows and {r["family"] for r in rows} == {version}
