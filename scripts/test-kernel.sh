@@ -39,8 +39,12 @@ vng_status=0
 # vng runs virtme-run through PATH.
 PATH="$(dirname "$VNG"):$PATH" timeout "$TIMEOUT" "$VNG" --disable-kvm --memory 4G --cpus 2 \
     --rwdir="$OUT" --run "$KERNEL" \
-    --exec "sh '$ROOT/scripts/test-kernel-guest.sh' '$ROOT' '$OUT'" </dev/null || vng_status=$?
+    --exec "sh '$ROOT/scripts/test-kernel-guest.sh' '$ROOT' '$OUT'" </dev/null >"$OUT/console.log" 2>&1 \
+    || vng_status=$?
 end=$(date +%s)
+# The guest's console goes to a file first: qemu reopens the output it is
+# given, and over a file shared with the host it wrote from the start of it.
+cat "$OUT/console.log"
 
 rc=$(cat "$OUT/rc" 2>/dev/null || echo "none")
 booted=$(cat "$OUT/guest-start" 2>/dev/null || echo "")
