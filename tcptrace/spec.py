@@ -118,3 +118,12 @@ class DecodeContext:
     symbols: dict = field(default_factory=dict)  # "tracepoint.field" -> {value: name}
     owners: object = None  # an OwnerResolver for sockets opened before tracing
     btf: dict = field(default_factory=dict)  # "struct.member" -> (offset, size) found
+
+
+# The tracepoint most tools read state changes from, with the fields they use.
+STATE_CHANGES = Tracepoint(
+    "sock:inet_sock_set_state",
+    fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+            "saddr", "daddr", "saddr_v6", "daddr_v6"),
+    since="4.16",
+)

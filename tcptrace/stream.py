@@ -56,23 +56,15 @@ class EventStream:
             self.rows += written
             return False
         batch, self.pending = self.pending, []
+        samples, self.pending_values = self.pending_values, []
         unpack = self.unpack
-        rows = []
         for raw in batch:
             try:
-                values = unpack(raw)
+                samples.append(unpack(raw))
             except Exception:
                 self.malformed += 1
-                continue
-            try:
-                row = decode(values, ctx)
-            except Exception:
-                self.malformed += 1
-                continue
-            if row is not None:
-                rows.append((values[0], row))
-        values_batch, self.pending_values = self.pending_values, []
-        for values in values_batch:
+        rows = []
+        for values in samples:
             try:
                 row = decode(values, ctx)
             except Exception:

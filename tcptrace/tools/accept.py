@@ -3,7 +3,7 @@ tcpaccept, from the state tracepoint)."""
 
 from .. import net
 from ..layout import Layout
-from ..spec import Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
 EVENT = Layout(
     [
@@ -65,12 +65,7 @@ SPEC = ToolSpec(
     columns=COLUMNS,
     decode=decode,
     tracepoints=(
-        Tracepoint(
-            "sock:inet_sock_set_state",
-            fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
-                    "saddr", "daddr", "saddr_v6", "daddr_v6"),
-            since="4.16",
-        ),
+        STATE_CHANGES,
     ),
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide"),
     notes=(

@@ -6,7 +6,7 @@ import errno
 
 from .. import net
 from ..layout import Layout
-from ..spec import Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
 ERROR_UNKNOWN = -1  # the kernel has no BTF: sk_err could not be read
 
@@ -93,12 +93,7 @@ SPEC = ToolSpec(
     columns=COLUMNS,
     decode=decode,
     tracepoints=(
-        Tracepoint(
-            "sock:inet_sock_set_state",
-            fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
-                    "saddr", "daddr", "saddr_v6", "daddr_v6"),
-            since="4.16",
-        ),
+        STATE_CHANGES,
         Tracepoint("tcp:tcp_receive_reset", fields=("skaddr",), since="4.16", optional=True),
     ),
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide",

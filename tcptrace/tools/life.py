@@ -3,7 +3,7 @@ with byte counts read at offsets from the running kernel's BTF."""
 
 from .. import net
 from ..layout import Layout
-from ..spec import Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
 # Appended to MS in the table when tracing began after the session did: the
 # lifespan is then a lower bound. A suffix keeps the column count, and awk's
@@ -128,12 +128,7 @@ SPEC = ToolSpec(
     columns=COLUMNS,
     decode=decode,
     tracepoints=(
-        Tracepoint(
-            "sock:inet_sock_set_state",
-            fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
-                    "saddr", "daddr", "saddr_v6", "daddr_v6"),
-            since="4.16",
-        ),
+        STATE_CHANGES,
         Tracepoint("tcp:tcp_destroy_sock", fields=("skaddr",), since="4.15", optional=True),
         Tracepoint("tcp:tcp_retransmit_skb", fields=("skaddr",), since="4.15", optional=True),
         Tracepoint("tcp:tcp_receive_reset", fields=("skaddr",), since="4.15", optional=True),

@@ -2,7 +2,7 @@
 
 from .. import net, tcpstate
 from ..layout import Layout
-from ..spec import Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
 DELTA_UNKNOWN = (1 << 64) - 1
 
@@ -76,12 +76,7 @@ SPEC = ToolSpec(
     columns=COLUMNS,
     decode=decode,
     tracepoints=(
-        Tracepoint(
-            "sock:inet_sock_set_state",
-            fields=("skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
-                    "saddr", "daddr", "saddr_v6", "daddr_v6"),
-            since="4.16",
-        ),
+        STATE_CHANGES,
     ),
     options=("localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide"),
     examples=(
