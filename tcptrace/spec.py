@@ -127,3 +127,14 @@ STATE_CHANGES = Tracepoint(
             "saddr", "daddr", "saddr_v6", "daddr_v6"),
     since="4.16",
 )
+
+
+# The endpoint columns most tools show, with bcc's widths: 15 characters, 39
+# under -w for IPv6, where the IP column appears too.
+IP_COLUMN = Column("family", "IP", 2, "d", wide_only=True)
+ENDPOINT_COLUMNS = (
+    Column("laddr", "LADDR", 15, wide=39),
+    Column("lport", "LPORT", 5, "d"),
+    Column("raddr", "RADDR", 15, wide=39),
+    Column("rport", "RPORT", 5, "d"),
+)

@@ -3,7 +3,7 @@ tcpaccept, from the state tracepoint)."""
 
 from .. import net
 from ..layout import Layout
-from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
+from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
 EVENT = Layout(
     [
@@ -25,11 +25,8 @@ EVENT = Layout(
 COLUMNS = (
     Column("pid", "PID", 7, "d", nullable=True),
     Column("comm", "COMM", 10, truncate=True, nullable=True),
-    Column("family", "IP", 2, "d", wide_only=True),
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    IP_COLUMN,
+    *ENDPOINT_COLUMNS,
     Column("syn_recv_ms", "SYN_RECV(ms)", 0, ".3f"),
 )
 

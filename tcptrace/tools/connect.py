@@ -6,7 +6,7 @@ import errno
 
 from .. import net
 from ..layout import Layout
-from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
 ERROR_UNKNOWN = -1  # the kernel has no BTF: sk_err could not be read
 
@@ -38,11 +38,8 @@ EVENT = Layout(
 COLUMNS = (
     Column("pid", "PID", 7, "d"),
     Column("comm", "COMM", 10, truncate=True),
-    Column("family", "IP", 2, "d", wide_only=True),
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    IP_COLUMN,
+    *ENDPOINT_COLUMNS,
     Column("lat_ms", "LAT(ms)", 8, ".3f", right=True),
     Column("result", "RESULT"),
 )

@@ -3,7 +3,7 @@ with byte counts read at offsets from the running kernel's BTF."""
 
 from .. import net
 from ..layout import Layout
-from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
 # Appended to MS in the table when tracing began after the session did: the
 # lifespan is then a lower bound. A suffix keeps the column count, and awk's
@@ -43,11 +43,8 @@ EVENT = Layout(
 COLUMNS = (
     Column("pid", "PID", 5, "d", wide=7, nullable=True),
     Column("comm", "COMM", 10, truncate=True, wide=16, nullable=True),
-    Column("family", "IP", 2, "d", wide_only=True),
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    IP_COLUMN,
+    *ENDPOINT_COLUMNS,
     Column("tx_kb", "TX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS),
     Column("rx_kb", "RX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS),
     Column("tx_bytes", "TX_BYTES", table=False, requires=BYTE_COUNTERS, type="integer", nullable=True),

@@ -3,7 +3,7 @@ socket's state and, where the kernel gives it, why it was sent."""
 
 from .. import net, tcpstate
 from ..layout import Layout
-from ..spec import Column, Counter, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, Column, Counter, DecodeContext, Example, ToolSpec, Tracepoint
 
 SENT, RECV = 0, 1
 DIRECTIONS = {SENT: "SENT", RECV: "RECV"}
@@ -31,12 +31,9 @@ EVENT = Layout(
 COLUMNS = (
     Column("pid", "PID", 7, "d", nullable=True),
     Column("comm", "COMM", 10, truncate=True, nullable=True),
-    Column("family", "IP", 2, "d", wide_only=True),
+    IP_COLUMN,
     Column("dir", "DIR", 4),
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    *ENDPOINT_COLUMNS,
     Column("state", "STATE", 11, nullable=True),
     Column("reason", "REASON", requires=("tcp:tcp_send_reset.reason",), nullable=True),
 )
@@ -56,10 +53,7 @@ COUNT_KEY = Layout(
 
 COUNT_COLUMNS = (
     Column("dir", "DIR", 4),
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    *ENDPOINT_COLUMNS,
     Column("reason", "REASON", requires=("tcp:tcp_send_reset.reason",), nullable=True),
 )
 

@@ -3,7 +3,7 @@ tracepoints only; SYN-ACK retransmits as their own type."""
 
 from .. import net, tcpstate
 from ..layout import Layout
-from ..spec import Column, Counter, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import ENDPOINT_COLUMNS, Column, Counter, DecodeContext, Example, ToolSpec, Tracepoint
 
 # Values and flags shared with retrans.bpf.c.
 RETRANS, SYNACK = 1, 2
@@ -62,10 +62,7 @@ COLUMNS = (
 
 COUNT_COLUMNS = (
     Column("family", "IP", 2, "d"),
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    *ENDPOINT_COLUMNS,
     Column("type", "TYPE", 7),
 )
 

@@ -2,7 +2,7 @@
 
 from .. import net, tcpstate
 from ..layout import Layout
-from ..spec import STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
+from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
 DELTA_UNKNOWN = (1 << 64) - 1
 
@@ -27,11 +27,8 @@ COLUMNS = (
     Column("skaddr", "SKADDR", 16),  # hex text: JSON numbers past 2**53 lose digits
     Column("pid", "C-PID", 5, "d"),
     Column("comm", "C-COMM", 10, truncate=True),
-    Column("family", "IP", 2, "d", wide_only=True),
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    IP_COLUMN,
+    *ENDPOINT_COLUMNS,
     Column("oldstate", "OLDSTATE", 11),
     Column("arrow", "->", 2, json=False),
     Column("newstate", "NEWSTATE", 11),
