@@ -409,7 +409,10 @@ def _table(headers, rows):
 
 
 def render_table(report):
-    out = [f"tcptrace doctor: Linux {report.release} ({report.source})", ""]
+    # The saved-formats directory is named in the kernel check below, where
+    # a long path is wrapped; the title stays one short line.
+    where = "running kernel" if report.source == "running kernel" else "saved formats"
+    out = [f"tcptrace doctor: Linux {report.release} ({where})", ""]
     out.append(_table(("CHECK", "STATUS", "DETAIL"), [(c.name, c.status, [c.detail]) for c in report.checks]))
     out.append("")
     rows = []

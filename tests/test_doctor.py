@@ -4,6 +4,7 @@ tracepoints hidden through the TCPTRACE_HIDE_TRACEPOINTS seam)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -188,6 +189,17 @@ def test_table_fits_80_columns(kernel):
         assert any(line.startswith(section) for line in lines)
     for name in TOOLS:
         assert any(line.startswith(name + " ") for line in lines)
+
+
+def test_table_fits_80_columns_wherever_the_formats_are(tmp_path):
+    # The saved-formats path is the user's: a deep one must wrap, not widen.
+    deep = tmp_path.joinpath(*["a-rather-long-directory-name"] * 4, "6.18")
+    shutil.copytree(os.path.join(FORMATS, "6.18"), deep)
+    result = CliRunner().invoke(cli, ["doctor", "--formats", str(deep)])
+    lines = result.output.splitlines()
+    assert lines[0] == "tcptrace doctor: Linux " + runtime.formats_source(str(deep)).kernel_release() + " (saved formats)"
+    assert max(len(line) for line in lines) <= 80
+    assert "a-rather-long-directory-name" in result.output
 
 
 def demo_spec():
