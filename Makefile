@@ -5,9 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 ARGS ?=
 # Packages from the distribution: bcc's Python module (never from PyPI), and
-# for the tests nftables (induced packet loss) and iproute2 (namespaces).
+# for the tests nftables (induced packet loss), iproute2 (namespaces), and
+# bcc's stock tools with the kernel headers they compile against (one test
+# runs tcptrace beside bcc's own tcpstates; tcptrace needs no headers).
+ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 RUN_PACKAGES = python3-bpfcc
-TEST_PACKAGES = $(RUN_PACKAGES) nftables iproute2 procps util-linux bpftool
+TEST_PACKAGES = $(RUN_PACKAGES) nftables iproute2 procps util-linux bpftool bpfcc-tools linux-headers-$(ARCH)
 # make test-kernel: a second real kernel, Debian's 6.1, booted under qemu's
 # software emulation by virtme-ng (from PyPI, in its own venv under build/),
 # which needs a static busybox for its initramfs.

@@ -3,8 +3,10 @@ hidden from the process, tracefs out of reach, a tracepoint the kernel
 lacks, signals, closed pipes. Each ends in one sentence and its own exit
 status, with nothing left attached in the kernel."""
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import must_run
 from helpers import ROOT, Tracer, free_port, session, tcptrace_cmd
 from tcptrace import errors
 
@@ -136,6 +139,54 @@ def test_two_tracers_see_every_event(bpf, report):
         b.stop()
     assert len(a.json_rows()) == len(b.json_rows()) == 25
     report("Faults", "two tracers at once, 5 sessions", "25 rows each: both see every change")
+
+
+def stock_headers(tmp_path):
+    """The distribution's kernel headers gathered into one tree (Debian
+    splits them into an -<arch> and a -common directory), as bcc's stock
+    tools need; tcptrace itself never does. Symlinks only, in tmp_path."""
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    for common in sorted(glob.glob("/usr/src/linux-headers-*-common"), reverse=True):
+        specific = common[: -len("common")] + arch
+        if os.path.isdir(specific):
+            tree = tmp_path / "headers"
+            for part in (common, specific):
+                subprocess.run(["cp", "-asf", part + "/.", str(tree)], check=True)
+            return tree
+    return None
+
+
+def test_beside_a_stock_bcc_tool(bpf, report, tmp_path):
+    """bcc's own tcpstates and tcptrace attached to the same tracepoint at
+    the same time: each sees every change."""
+    tool = shutil.which("tcpstates-bpfcc") or shutil.which("tcpstates")
+    headers = stock_headers(tmp_path)
+    if tool is None or headers is None:
+        why = "bcc's tcpstates (bpfcc-tools) or the distribution's kernel headers are not installed"
+        if must_run():
+            pytest.fail(f"must run in CI but cannot: {why}")
+        pytest.skip(why)
+    sport, cport = free_port(), free_port()
+    stock = subprocess.Popen([tool, "-L", str(cport)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, BCC_KERNEL_SOURCE=str(headers), PYTHONUNBUFFERED="1"))
+    try:
+        header = stock.stdout.readline()  # printed once its program is attached
+        assert "SKADDR" in header, stock.stderr.read() if stock.poll() is not None else header
+        with Tracer("states", "-o", "json", "-L", str(cport)) as ours:
+            for _ in range(5):
+                session("127.0.0.1", sport, cport)
+            ours.stop()
+        time.sleep(0.5)
+        stock.send_signal(signal.SIGINT)
+        out, err = stock.communicate(timeout=30)
+    finally:
+        if stock.poll() is None:
+            stock.kill()
+            stock.wait()
+    theirs = [line for line in out.splitlines() if "->" in line and str(cport) in line.split()]
+    assert len(ours.json_rows()) == 25, ours.stderr
+    assert len(theirs) == 25, out + err
+    report("Faults", "beside bcc's own tcpstates, 5 sessions", "25 rows each: both see every change")
 
 
 def test_full_disk_stdout(bpf, report):
