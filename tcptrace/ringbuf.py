@@ -6,9 +6,15 @@ about 30 % of tcptrace's CPU per event went there, and a program loaded
 without bcc (loader.Loaded) has no bcc to read with at all. The ring
 buffer's pages can be mapped by user space (kernel 5.8+): the consumer
 position page is writable, the producer position page and the data pages
-(mapped twice, so a record that wraps is contiguous) are read-only. This
-reads every ready record in one Python loop, as libbpf's
-ringbuf_process_ring() does, and waits through epoll on the map's fd.
+are read-only. This reads every ready record in one Python loop, as
+libbpf's ringbuf_process_ring() does, and waits through epoll on the map's
+fd.
+
+The kernel offers the data pages twice in a row, so that a record which
+wraps past the end reads contiguously; libbpf maps both copies. Each copy
+a reader touches counts in its resident memory, so this maps the data once
+and joins the two pieces of the rare record that wraps: a ring buffer
+sized for bursts costs its size in RSS, not twice that.
 
 Only on x86-64: Python's loads from the mapping are plain loads, which TSO
 orders as the acquire loads libbpf uses (and its stores as releases);
@@ -64,7 +70,7 @@ class RingReader:
         self.unpack_from = unpack_from  # decode in place: no bytes copy per record
         self.cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         try:
-            self.prod = mmap.mmap(map_fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+            self.prod = mmap.mmap(map_fd, page + self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         except OSError:
             self.cons.close()
             raise
@@ -72,23 +78,31 @@ class RingReader:
         self.epoll = None  # made on the first wait: consume() alone needs none
 
     def poll(self, timeout_ms, add, add_values=None):
-        """Hand every ready record to add(bytes) (or its decoded fields to
-        add_values()); wait up to timeout_ms (forever if negative) if none
-        is ready. Returns how many were handed over."""
+        """Hand the ready records to add(bytes) (or their decoded fields to
+        add_values()), then, unless a full batch was read, wait up to
+        timeout_ms (forever if negative) for the kernel's next wakeup and
+        hand over what came meanwhile. Returns how many were handed over.
+
+        The wait is edge-triggered: it ends on a wakeup, not whenever a
+        record is ready. The programs wake the reader for one event in 64
+        per CPU (tcptrace.h), and a level-triggered wait would return at
+        once for every record already there: a reader that has caught up
+        would spin, polling, decoding and writing a few rows at a time."""
         got = self.consume(add, add_values)
-        if got:
+        if got >= BATCH:
             return got
         if self.epoll is None:
             self.epoll = select.epoll()
-            self.epoll.register(self.fd, select.EPOLLIN)
+            self.epoll.register(self.fd, select.EPOLLIN | select.EPOLLET)
         self.epoll.poll(timeout_ms / 1000.0 if timeout_ms >= 0 else -1)
-        return self.consume(add, add_values)
+        return got + self.consume(add, add_values)
 
     def consume(self, add, add_values=None):
         """Hand every committed record to add(); returns how many."""
         cons_mm, prod_mm = self.cons, self.prod
         u32 = _U32.unpack_from
         mask, base, want = self.mask, self.data_off, self.record_size
+        end = base + self.size
         unpack_from = self.unpack_from if add_values is not None else None
         cons = _U64.unpack_from(cons_mm, 0)[0]
         got = 0
@@ -107,10 +121,18 @@ class RingReader:
                 length = hdr & ~(BUSY_BIT | DISCARD_BIT)
                 if not hdr & DISCARD_BIT:
                     start = off + HDR_SZ
-                    if unpack_from is not None and length >= want:
-                        add_values(unpack_from(prod_mm, start))
-                    else:
-                        add(prod_mm[start : start + (length if length < want else want)])
+                    take = length if length < want else want
+                    if start + take <= end:
+                        if unpack_from is not None and length >= want:
+                            add_values(unpack_from(prod_mm, start))
+                        else:
+                            add(prod_mm[start : start + take])
+                    else:  # wraps past the end of the data: join its two pieces
+                        whole = prod_mm[start:end] + prod_mm[base : base + start + take - end]
+                        if unpack_from is not None and length >= want:
+                            add_values(unpack_from(whole))
+                        else:
+                            add(whole)
                     got += 1
                 cons += (length + HDR_SZ + 7) & ~7
             _U64.pack_into(cons_mm, 0, cons)

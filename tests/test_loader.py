@@ -279,8 +279,9 @@ RING = 2 * PAGE
 
 
 class FakeRing:
-    """Consumer page, producer page, then the data twice: what the kernel's
-    double mapping shows, so a record that wraps reads contiguously."""
+    """Consumer page, producer page, then the data; where the kernel would
+    show the data a second time, bytes that are not the data, so a reader
+    that let a wrapping record run on into that copy would read junk."""
 
     def __init__(self):
         self.fd = os.memfd_create("ring")
@@ -299,7 +300,7 @@ class FakeRing:
 
     def flush(self):
         os.pwrite(self.fd, struct.pack("<Q", self.prod), PAGE)
-        os.pwrite(self.fd, bytes(self.data) * 2, 2 * PAGE)
+        os.pwrite(self.fd, bytes(self.data) + b"\xee" * RING, 2 * PAGE)
 
     def set_consumer(self, pos):
         os.pwrite(self.fd, struct.pack("<Q", pos), 0)
@@ -356,6 +357,27 @@ def test_ring_record_that_wraps_reads_whole(ring):
         assert reader.consume(None, got.append) == 1
     assert got == [layout.unpack(payload)]
     assert ring.consumer() == start + 48
+
+
+@pytest.mark.parametrize("before_end", [8, 16, 24, 40])
+def test_ring_record_that_wraps_is_joined_when_handed_as_bytes(ring, before_end):
+    start = 3 * RING - before_end  # the header at the end, or some of the payload too
+    ring.set_consumer(start)
+    ring.prod = start
+    payload = bytes(range(100, 140))
+    ring.record(payload)
+    ring.record(b"N" * 16)  # the next record, after the wrapped one
+    got = []
+    with ringbuf.RingReader(ring.fd, 40, size=RING) as reader:
+        assert reader.consume(got.append) == 2
+    assert got == [payload, b"N" * 16]
+    assert ring.consumer() == ring.prod
+
+
+def test_ring_maps_the_data_once(ring):
+    """Touching a record must not map the second copy of the data."""
+    with ringbuf.RingReader(ring.fd, 16, size=RING) as reader:
+        assert len(reader.prod) == PAGE + RING
 
 
 def test_ring_size_must_be_a_power_of_two_pages(ring):
