@@ -12,7 +12,7 @@ import click
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_STATUSES, TcptraceError
 from .net import AF_INET, AF_INET6
-from .output import FORMATS
+from .output import FORMATS, silence_stdout
 from .tools import TOOLS
 
 MAX_LIST = 64  # entries of a -p/-L/-D list (the size of the filter maps)
@@ -103,7 +103,8 @@ COMMON = (
     click.option("--buffer", type=click.Choice(("auto", "ring", "perf")), default="auto", show_default=True,
                  help="Kernel-to-user buffer: a BPF ring buffer (Linux 5.8+) or per-CPU perf buffers."),
     click.option("--buffer-pages", type=int, callback=_pages, metavar="PAGES",
-                 help="Buffer size in pages, a power of two (ring: 2048 in all; perf: 64 per CPU)."),
+                 help="Buffer size in pages, a power of two (ring: 16384 in all, 64 MiB with 4 KiB "
+                      "pages, to ride out bursts; perf: 64 per CPU)."),
     click.option("--verbose", is_flag=True, help="Report on stderr how the program was built and attached."),
     click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit (no root needed)."),
     click.option("--formats", "formats_dir", type=click.Path(exists=True, file_okay=False), hidden=True,
@@ -154,16 +155,6 @@ def _options(kwargs, spec):
     )
 
 
-def _quiet_stdout():
-    """After a closed pipe, point stdout at /dev/null so the interpreter's
-    final flush cannot raise again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
-
-
 def _fail(error):
     click.echo(f"tcptrace: {error}", err=True)
     sys.exit(error.exit_code)
@@ -193,12 +184,12 @@ def make_command(spec):
         except TcptraceError as e:
             _fail(e)
         except BrokenPipeError:
-            _quiet_stdout()
+            silence_stdout()
             status = EXIT_OK
         except KeyboardInterrupt:
             status = EXIT_OK
         except OSError as e:  # stdout on a full disk or a terminal that went away
-            _quiet_stdout()
+            silence_stdout()
             _fail(TcptraceError(f"stopped: cannot write the output ({e.strerror or e})."))
         sys.exit(status)
 
@@ -233,7 +224,7 @@ def main():
     try:
         cli(prog_name="tcptrace")
     except BrokenPipeError:
-        _quiet_stdout()
+        silence_stdout()
         sys.exit(EXIT_OK)
     except KeyboardInterrupt:
         sys.exit(EXIT_OK)

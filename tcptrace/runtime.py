@@ -6,6 +6,7 @@ headers, attaches it, polls the ring or perf buffer, counts lost events and
 detaches. Every bcc failure becomes one of our error types here.
 """
 
+import contextlib
 import ctypes
 import importlib
 import os
@@ -24,12 +25,13 @@ from .errors import (
     TcptraceError,
     TracefsError,
 )
+from .output import silence_stdout
 from .spec import DecodeContext
 
 CAP_PERFMON = 38
 CAP_BPF = 39
 POLL_MS = 100
-RING_PAGES = 2048
+RING_PAGES = 16384  # 64 MiB; see defines_for()
 STATS_EVERY_S = 1.0
 STAT_LOST_OUTPUT, STAT_UNTRACKED = 0, 1
 BPF_NOEXIST = 1  # a map update that only creates
@@ -185,8 +187,11 @@ def defines_for(spec, opts, use_ring):
     defs = {}
     if use_ring:
         defs["TCPTRACE_RINGBUF"] = 1
-        # 8 MiB: about a second of events at 80,000 a second, for a reader
-        # that the scheduler leaves waiting.
+        # 64 MiB, about 600,000 state changes: a reader in its own session
+        # (its own scheduler autogroup) was measured to wait up to 1.5 s on
+        # the run queue while a full-speed loopback load ran on every CPU,
+        # and 8 MiB then lost most events. The kernel allocates all of it;
+        # the reader's RSS grows only by the part a burst fills.
         defs["TCPTRACE_RINGBUF_PAGES"] = opts.buffer_pages or RING_PAGES
     if opts.family:
         defs["FILTER_FAMILY"] = opts.family
@@ -246,13 +251,21 @@ def symbols_of(formats):
     return out
 
 
+class StopWriting(Exception):
+    """A stop signal came while tcptrace was writing: the write may be one
+    that never ends (a pipe whose reader is alive but no longer reads)."""
+
+
 class Stopper:
-    """SIGINT, SIGTERM and SIGHUP end the run at the next poll."""
+    """SIGINT, SIGTERM and SIGHUP end the run at the next poll; one that
+    comes while output is being written (writing is set) also abandons
+    that write, which may be blocked for good."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
         self.stop = False
+        self.writing = False
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -261,6 +274,18 @@ class Stopper:
 
     def _handle(self, signum, frame):
         self.stop = True
+        if self.writing:
+            self.writing = False
+            raise StopWriting()
+
+    @contextlib.contextmanager
+    def output(self):
+        """Around a write that a stop signal may abandon."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
 
     def __exit__(self, *exc):
         # The handlers stay: a second Ctrl-C while the run finishes (the
@@ -587,60 +612,77 @@ class Session:
         self.writer.flush()
 
     def run_counting(self):
-        from .errors import EXIT_LOST_EVENTS, EXIT_OK
-
         start = time.monotonic()
         deadline = start + self.opts.duration if self.opts.duration else None
         next_print = start + self.opts.interval if self.opts.interval else None
         with Stopper() as stopper:
-            while not stopper.stop:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                if next_print is not None and now >= next_print:
-                    self.print_counts(clear=True)
-                    next_print += self.opts.interval
-                time.sleep(min(0.1, max(0.001, (deadline or now + 1) - now)))
-            self.read_stats()
-            self.print_counts(clear=bool(self.opts.interval))
-        self.finish_report()
-        return EXIT_LOST_EVENTS if self.lost else EXIT_OK
+            try:
+                while not stopper.stop:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        break
+                    if next_print is not None and now >= next_print:
+                        with stopper.output():
+                            self.print_counts(clear=True)
+                        next_print += self.opts.interval
+                    time.sleep(min(0.1, max(0.001, (deadline or now + 1) - now)))
+                self.read_stats()
+                with stopper.output():
+                    self.print_counts(clear=bool(self.opts.interval))
+            except StopWriting:  # stdout takes no more: drop what it holds
+                silence_stdout()
+            return self.final_report(stopper, with_lost=False)
 
     def run(self):
         """Poll until a signal, --duration or --max-events; returns the exit status."""
-        from .errors import EXIT_LOST_EVENTS, EXIT_OK
-
         if self.counting:
             return self.run_counting()
         deadline = time.monotonic() + self.opts.duration if self.opts.duration else None
         next_stats = time.monotonic() + STATS_EVERY_S
         writer = self.writer
         with Stopper() as stopper:
-            while not stopper.stop:
-                timeout = POLL_MS
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+            try:
+                while not stopper.stop:
+                    timeout = POLL_MS
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        timeout = max(1, min(POLL_MS, int(left * 1000)))
+                    self._poll(timeout)
+                    with stopper.output():
+                        done = self.stream.drain()
+                        writer.flush()
+                    now = time.monotonic()
+                    if now >= next_stats:
+                        self.read_stats()
+                        with stopper.output():
+                            self.report_lost()
+                        next_stats = now + STATS_EVERY_S
+                    if done:
                         break
-                    timeout = max(1, min(POLL_MS, int(left * 1000)))
-                self._poll(timeout)
-                done = self.stream.drain()
-                writer.flush()
-                now = time.monotonic()
-                if now >= next_stats:
-                    self.read_stats()
+                if not self.stream.done:
+                    # A last drain: events already in the buffer when the run ends count.
+                    self._poll(0)
+                    with stopper.output():
+                        self.stream.drain()
+                        writer.flush()
+            except StopWriting:  # stdout takes no more: drop what it holds
+                silence_stdout()
+            self.read_stats()
+            return self.final_report(stopper)
+
+    def final_report(self, stopper, with_lost=True):
+        """The losses and totals on stderr, and the exit status."""
+        from .errors import EXIT_LOST_EVENTS, EXIT_OK
+
+        try:
+            with stopper.output():  # stderr can be a pipe nobody reads, too
+                if with_lost:
                     self.report_lost()
-                    next_stats = now + STATS_EVERY_S
-                if done:
-                    break
-            if not self.stream.done:
-                # A last drain: events already in the buffer when the run ends count.
-                self._poll(0)
-                self.stream.drain()
-                writer.flush()
-        self.read_stats()
-        self.report_lost()
-        self.finish_report()
+                self.finish_report()
+        except StopWriting:
+            pass
         return EXIT_LOST_EVENTS if self.lost else EXIT_OK
 
     def finish_report(self):

@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from conftest import must_run
-from helpers import ROOT, Tracer, free_port, session, tcptrace_cmd
+from helpers import ROOT, Tracer, free_port, must_run, session, tcptrace_cmd
 from tcptrace import errors
 
 PY = sys.executable
@@ -128,6 +127,58 @@ def test_closed_pipe_true(bpf, report):
     out, err = proc.communicate(timeout=30)
     assert "status=0" in out and "Traceback" not in err
     report("Faults", "`tcptrace states | true` (reader gone before the first row)", "exit 0, nothing on stderr")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("count", [False, True])
+def test_stop_while_the_reader_no_longer_reads(bpf, report, sig, count):
+    """stdout and stderr are pipes whose reader is alive but has stopped
+    reading: once they are full every write blocks. One signal must still
+    end the run, with its programs unloaded."""
+    import fcntl
+
+    cport = free_port()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    for fd in (out_r, err_r):
+        fcntl.fcntl(fd, 1031, 4096)  # F_SETPIPE_SZ: one page fills fast
+    args = ["states", "-L", str(cport), "-o", "json"]
+    if count:  # the count summary every interval, written to the same stuck pipe
+        args = ["retrans", "-c", "-i", "0.01"]
+    proc = subprocess.Popen(tcptrace_cmd(*args, "--verbose"), cwd=ROOT, stdout=out_w, stderr=err_w)
+    os.close(out_w)
+    os.close(err_w)
+    try:
+        deadline = time.monotonic() + 30
+        while not programs_of(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ids = programs_of(proc.pid)
+        assert ids, "the tracer did not load its programs"
+        if count:
+            os.read(err_r, 4096)  # let --verbose through; the summaries fill stdout
+        else:
+            sport = free_port()
+            for _ in range(60):  # 300 rows of JSON: well past a page
+                session("127.0.0.1", sport, cport)
+        while time.monotonic() < deadline:
+            stack = open(f"/proc/{proc.pid}/wchan").read()
+            if "pipe" in stack:
+                break
+            time.sleep(0.2)
+        assert "pipe" in stack, f"the tracer is not blocked on its output ({stack})"
+        proc.send_signal(sig)
+        status = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(out_r)
+        os.close(err_r)
+    assert status in (errors.EXIT_OK, errors.EXIT_LOST_EVENTS)
+    assert not ids & {p["id"] for p in bpf_programs()}, "programs stayed loaded after exit"
+    what = "`retrans -c -i 0.01`" if count else "`states -o json`"
+    report("Faults", f"{sig.name} to {what} blocked on stdout and stderr pipes nobody reads",
+           f"exit {status} at once; its BPF programs unloaded")
 
 
 def test_two_tracers_see_every_event(bpf, report):
