@@ -84,7 +84,7 @@ class RingReader:
         hand over what came meanwhile. Returns how many were handed over.
 
         The wait is edge-triggered: it ends on a wakeup, not whenever a
-        record is ready. The programs wake the reader for one event in 64
+        record is ready. The programs wake the reader for one event in 256
         per CPU (tcptrace.h), and a level-triggered wait would return at
         once for every record already there: a reader that has caught up
         would spin, polling, decoding and writing a few rows at a time."""

@@ -75,7 +75,7 @@ BPF_PERF_OUTPUT(events);
  * polls every 100 ms, which bounds how late the others are seen.
  */
 #ifndef TCPTRACE_WAKEUP_EVERY
-#define TCPTRACE_WAKEUP_EVERY 64
+#define TCPTRACE_WAKEUP_EVERY 256
 #endif
 #define BPF_RB_NO_WAKEUP 1
 #define BPF_RB_FORCE_WAKEUP 2
