@@ -145,6 +145,42 @@ def test_owner_from_proc_for_a_connection_and_a_listener(tmp_path):
     assert procfs.listener_owners(proc) == {443: (800, "nginx"), 8080: (900, "java")}
 
 
+def test_owner_lookups_share_one_read_of_proc_per_refresh(tmp_path, monkeypatch):
+    proc = fake_proc(tmp_path, sockets=[("10.1.2.3", 22, "10.9.9.9", 40000 + i, 1, 6000 + i) for i in range(3)],
+                     processes={700: ("sshd", [6000, 6001, 6002])})
+    reads = []
+    real = procfs.socket_inodes
+    monkeypatch.setattr(procfs, "socket_inodes", lambda p: reads.append(p) or real(p))
+    now = [100.0]
+    owners = procfs.OwnerResolver(proc, refresh=1.0, clock=lambda: now[0])
+    for i in range(3):
+        assert owners.lookup(socket.AF_INET, "10.1.2.3", 22, "10.9.9.9", 40000 + i) == (700, "sshd")
+    assert owners.lookup(socket.AF_INET, "10.1.2.3", 22, "10.9.9.9", 1) is None
+    assert len(reads) == 1
+    now[0] += 1.5  # a socket unknown then is looked up in a fresh snapshot
+    assert owners.lookup(socket.AF_INET, "10.1.2.3", 22, "10.9.9.9", 2) is None
+    assert len(reads) == 2
+
+
+def test_listeners_from_sock_diag_are_those_of_proc_net_tcp():
+    """The machine's own listeners come from sock_diag; /proc/net/tcp, which
+    the fake /proc above exercises, must say the same."""
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6:
+        v4.bind(("127.0.0.1", 0))
+        v6.bind(("::1", 0))
+        for s in (v4, v6):
+            s.listen()
+        mine = {s.getsockname()[1]: os.fstat(s.fileno()).st_ino for s in (v4, v6)}
+        diag = procfs._diag_listeners()
+        assert {port: diag.get(port) for port in mine} == mine
+        listed = procfs._proc_listeners("/proc")  # other listeners may come and go meanwhile
+        assert {port: listed.get(port) for port in mine} == mine
+        owners = procfs.listener_owners()
+        with open(f"/proc/{os.getpid()}/comm") as f:
+            comm = f.read().strip()
+        assert {port: owners.get(port) for port in mine} == {port: (os.getpid(), comm) for port in mine}
+
+
 # -- every output format -------------------------------------------------------
 
 def test_table_golden():
