@@ -581,7 +581,7 @@ class Session:
 
     def report_lost(self):
         if self.lost > self.lost_reported:
-            self.say(f"lost {self.lost - self.lost_reported} events (the output buffer was full; {self.lost} in all)")
+            self.say(f"lost {self.lost - self.lost_reported} events (the output buffer did not take them; {self.lost} in all)")
             self.lost_reported = self.lost
 
     def read_counts(self, clear):

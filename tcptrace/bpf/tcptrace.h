@@ -44,7 +44,7 @@
 #define TCPTRACE_MAX_FILTER 64
 
 /* Slots of tcptrace_stats, read and reported by the runtime. */
-#define STAT_LOST_OUTPUT 0 /* events dropped: the output buffer was full */
+#define STAT_LOST_OUTPUT 0 /* events the output buffer did not take (full, or the reservation refused) */
 #define STAT_UNTRACKED 1   /* sockets not tracked: a per-socket map was full */
 #define STAT_EMITTED 2     /* events handed to the ring buffer (paces wakeups) */
 #define STAT_SLOTS 3
