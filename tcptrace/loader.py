@@ -327,7 +327,11 @@ class _MapInfo(ctypes.Structure):
 
 
 class _ProgInfo(ctypes.Structure):
-    _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8)]
+    """struct bpf_prog_info up to recursion_misses (Linux 5.12). An older
+    kernel fills what it knows and accepts the zeroed rest."""
+
+    _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8), ("_middle", ctypes.c_uint8 * 176),
+                ("run_time_ns", _u64), ("run_cnt", _u64), ("recursion_misses", _u64)]
 
 
 class _PerfEventAttr(ctypes.Structure):
@@ -357,6 +361,13 @@ def map_info(fd):
 
 def prog_id(fd):
     return _info(fd, _ProgInfo()).id
+
+
+def prog_recursion_misses(fd):
+    """How often the kernel skipped the program behind fd because it was
+    already running on that CPU (a tracepoint hit again from an interrupt
+    while the program ran): events it never saw. 0 before Linux 5.12."""
+    return _info(fd, _ProgInfo()).recursion_misses
 
 
 def parse_cpu_list(text):

@@ -355,6 +355,7 @@ class Session:
         self.reader = None
         self.lost = 0
         self.lost_reported = 0
+        self.skipped = 0  # events the kernel never handed to the program (in self.lost too)
         self.untracked = 0
         self.malformed = 0  # count keys decode() could not make sense of
         self.stream = None
@@ -559,7 +560,38 @@ class Session:
             self.untracked = table.sum(STAT_UNTRACKED.to_bytes(4, sys.byteorder))
         except (KeyError, OSError):
             return
-        self.lost = lost
+        self.skipped = self.recursion_misses()
+        self.lost = lost + self.skipped
+
+    def program_fds(self):
+        """The fds of the programs attached, by function name."""
+        out = {}
+        for tp in self.spec.tracepoints:
+            if tp.name not in self.attached:
+                continue
+            if self.loaded is not None:
+                fd = self.loaded.programs.get(tp.function)
+            else:
+                fn = getattr(self.bpf, "funcs", {}).get(tp.function.encode())
+                fd = getattr(fn, "fd", None)
+            if fd is not None:
+                out[tp.function] = fd
+        return out
+
+    def recursion_misses(self):
+        """Events the kernel did not hand to our programs because one was
+        already running on that CPU (a tracepoint hit again from an
+        interrupt): lost as surely as a full buffer, but counted only in the
+        programs' own statistics."""
+        from .loader import prog_recursion_misses
+
+        total = 0
+        for fd in self.program_fds().values():
+            try:
+                total += prog_recursion_misses(fd)
+            except OSError:
+                continue
+        return total
 
     @property
     def bcc_version(self):
@@ -581,7 +613,10 @@ class Session:
 
     def report_lost(self):
         if self.lost > self.lost_reported:
-            self.say(f"lost {self.lost - self.lost_reported} events (the output buffer did not take them; {self.lost} in all)")
+            why = "the output buffer did not take them"
+            if self.skipped:
+                why += f", or the kernel skipped the program ({self.skipped} in all: it was already running on that CPU)"
+            self.say(f"lost {self.lost - self.lost_reported} events ({why}; {self.lost} in all)")
             self.lost_reported = self.lost
 
     def read_counts(self, clear):

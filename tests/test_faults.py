@@ -283,6 +283,33 @@ def test_verifier_rejection(bpf, report, monkeypatch):
            f"exit {caught.value.exit_code}: tcptrace: {caught.value}")
 
 
+@pytest.mark.parametrize("cache", ["cached", "bcc"])
+def test_skipped_runs_are_read_from_the_programs_attached(bpf, monkeypatch, cache):
+    """The kernel counts, per program, the events it did not hand over
+    because the program was already running on that CPU; the run adds them
+    to its losses. Both load paths must find their programs' counters."""
+    import io
+
+    from tcptrace import loader, output, runtime
+    from tcptrace.tools import states
+
+    if cache == "bcc":
+        monkeypatch.setenv("TCPTRACE_NO_CACHE", "1")
+    writer = output.writer("json", io.StringIO(), states.SPEC.columns, tool="states")
+    session = runtime.Session(states.SPEC, runtime.RunOptions(), writer, err=io.StringIO())
+    try:
+        session.open()
+        fds = session.program_fds()
+        assert list(fds) == [tp.function for tp in states.SPEC.tracepoints]
+        listed = {p["id"] for p in bpf_programs()}
+        assert {loader.prog_id(fd) for fd in fds.values()} <= listed
+        assert session.recursion_misses() == 0
+        session.read_stats()
+        assert session.skipped == 0 and session.lost == 0
+    finally:
+        session.close()
+
+
 def test_second_interrupt_while_finishing(bpf, report):
     """Two Ctrl-C in a row (the second while the run ends): still status 0
     and no traceback."""

@@ -388,6 +388,9 @@ def test_ring_size_must_be_a_power_of_two_pages(ring):
 # Offsets in the kernel's UAPI (linux/bpf.h, linux/perf_event.h): the
 # structures are passed to the kernel as raw memory.
 UAPI = [
+    (loader._ProgInfo, "id", 4),
+    (loader._ProgInfo, "run_time_ns", 192),
+    (loader._ProgInfo, "recursion_misses", 208),
     (loader._MapCreateAttr, "map_name", 28),
     (loader._ElemAttr, "key", 8),
     (loader._ElemAttr, "flags", 24),
