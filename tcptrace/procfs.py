@@ -81,7 +81,7 @@ class OwnerResolver:
     snapshots of the socket and process tables at most refresh seconds old:
     a burst of unknown sockets costs one read of /proc/net/tcp, not one
     each (it lists every socket, TIME_WAIT ones too: reading and parsing
-    50,000 took 0.2 s)."""
+    50,000 took 0.1 s)."""
 
     def __init__(self, proc="/proc", refresh=1.0, clock=time.monotonic):
         self.proc = proc
@@ -185,7 +185,7 @@ def listener_owners(proc="/proc"):
     connections such a listener accepts inherit an owner in the kernel.
     The listeners come from sock_diag when this is the machine's own /proc:
     /proc/net/tcp also prints every other socket (50,000 after a busy
-    minute, TIME_WAIT ones mostly, took 0.2 s to read and parse, sock_diag
+    minute, TIME_WAIT ones mostly, took 0.1 s to read and parse, sock_diag
     0.2 ms); the files are the fallback.
     """
     inodes = None
