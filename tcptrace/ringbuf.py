@@ -122,17 +122,13 @@ class RingReader:
                 if not hdr & DISCARD_BIT:
                     start = off + HDR_SZ
                     take = length if length < want else want
-                    if start + take <= end:
-                        if unpack_from is not None and length >= want:
-                            add_values(unpack_from(prod_mm, start))
-                        else:
-                            add(prod_mm[start : start + take])
-                    else:  # wraps past the end of the data: join its two pieces
-                        whole = prod_mm[start:end] + prod_mm[base : base + start + take - end]
-                        if unpack_from is not None and length >= want:
-                            add_values(unpack_from(whole))
-                        else:
-                            add(whole)
+                    buf = prod_mm
+                    if start + take > end:  # wraps past the end of the data: join its two pieces
+                        buf, start = prod_mm[start:end] + prod_mm[base : base + start + take - end], 0
+                    if unpack_from is not None and length >= want:
+                        add_values(unpack_from(buf, start))
+                    else:
+                        add(buf[start : start + take])
                     got += 1
                 cons += (length + HDR_SZ + 7) & ~7
             _U64.pack_into(cons_mm, 0, cons)

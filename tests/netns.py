@@ -59,6 +59,12 @@ class LinkPair:
                 "{ type filter hook input priority 0 ; policy accept ; }")
         self.ns(ns, "nft", "add", "rule", "inet", "tcptrace_test", "input", *rule.split(), "drop")
 
+    def lose_tcp(self, ns, match):
+        """Drop one in five TCP segments matching `match` on `ns`'s input.
+        TCP only: dropping ICMPv6 too would lose neighbour discovery, and an
+        IPv6 connect() would fail with "No route to host"."""
+        self.drop_input(ns, f"{match} meta l4proto tcp numgen random mod 10 < 2")
+
     def clear_rules(self, ns):
         self.ns(ns, "nft", "delete", "table", "inet", "tcptrace_test", check=False)
 

@@ -195,7 +195,7 @@ def test_retransmits_under_loss(bpf):
     sport, cport = ports()
     with LinkPair() as link, Processes(link) as procs:
         pin_client_port(link, cport)
-        link.drop_input(link.receiver, f"ip saddr {SENDER_ADDR} meta l4proto tcp numgen random mod 10 < 2")
+        link.lose_tcp(link.receiver, f"ip saddr {SENDER_ADDR}")
         before = link.retrans_segs(link.sender)
         with Exporter("-L", str(cport)) as exp, Tracer("retrans", "-c", "-o", "json", "-L", str(cport)) as counts:
             server = procs.peer(link.receiver, "server", RECEIVER_ADDR, sport, "--recv", LOSS_SIZE)

@@ -286,7 +286,7 @@ def test_extended_counts_retransmits(bpf):
         # The client's port is the kernel's choice (peer.py binds only on
         # loopback): its row is found by the namespace addresses instead.
         with Tracer("life", "-x", "-o", "json", "-4") as t:
-            link.drop_input(link.receiver, f"ip saddr {SENDER_ADDR} meta l4proto tcp numgen random mod 10 < 2")
+            link.lose_tcp(link.receiver, f"ip saddr {SENDER_ADDR}")
             sent_before = link.retrans_segs(link.sender)
             recv_before = link.retrans_segs(link.receiver)
             server = link.peer(link.receiver, "server", RECEIVER_ADDR, sport, "--recv", size)

@@ -152,7 +152,7 @@ def test_data_retransmits_under_loss(bpf, ip):
         if ip == "v6":
             add_ipv6(link)
         pin_client_port(link, cport)
-        link.drop_input(link.receiver, f"{proto} saddr {sender_addr} meta l4proto tcp numgen random mod 10 < 2")
+        link.lose_tcp(link.receiver, f"{proto} saddr {sender_addr}")
         client = procs.held(link.sender, "client", receiver_addr, sport, "--send", SIZE, "--close-first")
         segs = {ns: link.retrans_segs(ns) for ns in (link.sender, link.receiver)}
         with Tracer("retrans", "-o", "json", "-L", both) as events, \
@@ -356,7 +356,7 @@ def test_records_without_family_state_or_err(bpf, ip, monkeypatch, tmp_path):
         if ip == "v6":
             add_ipv6(link)
         pin_client_port(link, cport)
-        link.drop_input(link.receiver, f"{proto} saddr {sender_addr} meta l4proto tcp numgen random mod 10 < 2")
+        link.lose_tcp(link.receiver, f"{proto} saddr {sender_addr}")
         with Tracer("retrans", "-o", "json", "-L", f"{sport},{cport}") as full:
             as_an_older_kernel(monkeypatch, tmp_path)
             with Tracer("retrans", "-o", "json", "-L", f"{sport},{cport}") as old, \
