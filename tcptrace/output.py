@@ -17,6 +17,7 @@ import sys
 import time
 
 from .spec import Column
+from .stream import Decoded, each_row
 
 FORMATS = ("table", "csv", "json")
 
@@ -165,6 +166,11 @@ class Writer:
     def header(self):
         pass
 
+    def batch(self, samples, decode, ctx):
+        """Decode and write a batch of samples; returns (rows written,
+        samples decode() could not make sense of)."""
+        return each_row(samples, decode, ctx, self.row)
+
     def flush(self):
         self.stream.flush()
 
@@ -194,6 +200,11 @@ class TableWriter(Writer):
         percent = [_percent(col, width) for col, width in zip(cols, self.widths)]
         self.percent = " ".join(percent) + "\n" if None not in percent else None
         self.pick = operator.itemgetter(*self.index) if len(self.index) > 1 else None
+        # A blank (None) fails a numeric conversion (TypeError: the careful
+        # path writes "-"), but %s would print it as "None": only rows with
+        # a nullable text column need looking at.
+        self.blank_text = any(c.nullable and (c.spec or "s") == "s" for c in cols)
+        self.fast = bool(self.percent and self.pick and not (self.show_time or self.show_timestamp))
 
     def header(self):
         cells = [
@@ -202,24 +213,50 @@ class TableWriter(Writer):
         ]
         self.stream.write(" ".join(cells).rstrip() + "\n")
 
+    def line(self, ts_ns, values):
+        """The careful path: any value, blanks as "-"."""
+        vals = self._prefix(ts_ns) if (self.show_time or self.show_timestamp) else []
+        vals += [values[i] for i in self.index]
+        try:
+            text = self.template.format(*vals)
+        except (ValueError, TypeError):
+            text = " ".join(_cell(c, w, v) for c, w, v in zip(self.all_columns, self.widths, vals))
+        return text + "\n"
+
     def row(self, ts_ns, values):
-        if self.percent and self.pick and not (self.show_time or self.show_timestamp):
+        if self.fast:
             picked = self.pick(values)
-            if None not in picked:  # %s would print a blank as "None"
+            if not (self.blank_text and None in picked):
                 try:
                     self.stream.write(self.percent % picked)
                     self.rows += 1
                     return
-                except (ValueError, TypeError):
-                    pass  # an odd value: the careful path below
-        vals = self._prefix(ts_ns) if (self.show_time or self.show_timestamp) else []
-        vals += [values[i] for i in self.index]
-        try:
-            line = self.template.format(*vals)
-        except (ValueError, TypeError):
-            line = " ".join(_cell(c, w, v) for c, w, v in zip(self.all_columns, self.widths, vals))
-        self.stream.write(line + "\n")
+                except (ValueError, TypeError, OverflowError):
+                    pass  # a blank or an odd value (%d of inf): the careful path
+        self.stream.write(self.line(ts_ns, values))
         self.rows += 1
+
+    def batch(self, samples, decode, ctx):
+        """The per-event path of a streaming table: decode, pick and
+        printf-format each row, one write for the batch."""
+        if not self.fast:
+            return super().batch(samples, decode, ctx)
+        pick, percent, careful = self.pick, self.percent, self.line
+        check = self.blank_text
+        lines = []
+        add = lines.append
+        rows = Decoded(samples, decode, ctx)
+        for ts, row in rows:
+            try:
+                picked = pick(row)
+                if check and None in picked:
+                    raise TypeError
+                add(percent % picked)
+            except (ValueError, TypeError, OverflowError):
+                add(careful(ts, row))
+        self.stream.write("".join(lines))
+        self.rows += len(lines)
+        return len(lines), rows.malformed
 
     def summary(self, columns, rows, title=None):
         from tabulate import tabulate

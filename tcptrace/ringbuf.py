@@ -16,6 +16,13 @@ a reader touches counts in its resident memory, so this maps the data once
 and joins the two pieces of the rare record that wraps: a ring buffer
 sized for bursts costs its size in RSS, not twice that.
 
+Records of the event's exact size, one after another, are read a run at a
+time: one struct call reads the headers of the run and one its records
+(Struct.iter_unpack over the mapping), instead of a few Python steps per
+record. The headers are read first, so every record read was committed
+before it was read; the run ends at the first header that is not a plain
+committed record of that size, which takes the careful path alone.
+
 Only on x86-64: Python's loads from the mapping are plain loads, which TSO
 orders as the acquire loads libbpf uses (and its stores as releases);
 elsewhere bcc's reader is used.
@@ -59,7 +66,7 @@ class RingReader:
     """Reads the ring buffer map behind map_fd (which stays the caller's to
     close). size is the map's max_entries, read from fdinfo when not given."""
 
-    def __init__(self, map_fd, record_size, unpack_from=None, size=None):
+    def __init__(self, map_fd, record_size, event=None, size=None):
         self.fd = map_fd
         self.size = size or _max_entries(map_fd)
         page = mmap.PAGESIZE
@@ -67,7 +74,18 @@ class RingReader:
             raise ValueError(f"a ring buffer of {self.size} bytes: not a power of 2 pages")
         self.mask = self.size - 1
         self.record_size = record_size
-        self.unpack_from = unpack_from  # decode in place: no bytes copy per record
+        # With the event's struct.Struct (standard sizes, padding spelled
+        # out, as layout.Layout makes it), records are unpacked where they
+        # lie: no bytes copy per record.
+        self.event = event
+        self.stride = (record_size + HDR_SZ + 7) & ~7  # header, record, padding to 8
+        if event is not None:
+            body = event.format.lstrip("<>=!@")
+            if event.format[:1] != "<" or event.size != record_size:
+                raise ValueError(f"event struct {event.format!r} is not a little-endian {record_size}-byte record")
+            self._run = struct.Struct(f"<{HDR_SZ}x{body}{self.stride - HDR_SZ - record_size}x").iter_unpack
+            self._heads = struct.Struct(f"<I{self.stride - 4}x").iter_unpack
+            self._head_ok = (record_size,)  # committed, not discarded, the event's size
         self.cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         try:
             self.prod = mmap.mmap(map_fd, page + self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
@@ -75,11 +93,12 @@ class RingReader:
             self.cons.close()
             raise
         self.data_off = page
+        self.data = memoryview(self.prod)[page : page + self.size]
         self.epoll = None  # made on the first wait: consume() alone needs none
 
     def poll(self, timeout_ms, add, add_values=None):
-        """Hand the ready records to add(bytes) (or their decoded fields to
-        add_values()), then, unless a full batch was read, wait up to
+        """Hand the ready records to add(bytes) (or, with an event struct,
+        lists of their unpacked fields to add_values()), then, unless a full batch was read, wait up to
         timeout_ms (forever if negative) for the kernel's next wakeup and
         hand over what came meanwhile. Returns how many were handed over.
 
@@ -98,18 +117,38 @@ class RingReader:
         return got + self.consume(add, add_values)
 
     def consume(self, add, add_values=None):
-        """Hand every committed record to add(); returns how many."""
+        """Hand every committed record to add(bytes), or, with an event
+        struct and add_values, lists of unpacked records to add_values();
+        returns how many records were handed over."""
         cons_mm, prod_mm = self.cons, self.prod
         u32 = _U32.unpack_from
-        mask, base, want = self.mask, self.data_off, self.record_size
-        end = base + self.size
-        unpack_from = self.unpack_from if add_values is not None else None
+        mask, base, want, size, stride = self.mask, self.data_off, self.record_size, self.size, self.stride
+        end = base + size
+        by_run = self.event is not None and add_values is not None
+        if by_run:
+            data, run, heads, head_ok = self.data, self._run, self._heads, self._head_ok
+            unpack_from = self.event.unpack_from
         cons = _U64.unpack_from(cons_mm, 0)[0]
         got = 0
         while got < BATCH:
             progressed = False
             prod = _U64.unpack_from(prod_mm, 0)[0]
             while cons < prod and got < BATCH:
+                if by_run:
+                    at = cons & mask
+                    n = min((prod - cons) // stride, (size - at) // stride, BATCH - got)
+                    if n:
+                        view = data[at : at + n * stride]
+                        seen = list(heads(view))
+                        if seen.count(head_ok) != n:
+                            n = next(i for i, h in enumerate(seen) if h != head_ok)
+                            view = view[: n * stride]
+                        if n:
+                            add_values(list(run(view)))
+                            got += n
+                            cons += n * stride
+                            progressed = True
+                            continue
                 off = base + (cons & mask)
                 hdr = u32(prod_mm, off)[0]
                 if hdr & BUSY_BIT:
@@ -125,8 +164,8 @@ class RingReader:
                     buf = prod_mm
                     if start + take > end:  # wraps past the end of the data: join its two pieces
                         buf, start = prod_mm[start:end] + prod_mm[base : base + start + take - end], 0
-                    if unpack_from is not None and length >= want:
-                        add_values(unpack_from(buf, start))
+                    if by_run and length >= want:
+                        add_values([unpack_from(buf, start)])
                     else:
                         add(buf[start : start + take])
                     got += 1
@@ -137,6 +176,9 @@ class RingReader:
         return got
 
     def close(self):
+        if self.data is not None:
+            self.data.release()
+            self.data = None
         for m in (self.cons, self.prod):
             try:
                 m.close()

@@ -517,7 +517,8 @@ class Session:
         from .stream import EventStream
 
         self.stream = EventStream(
-            self.spec, self.ctx, self.writer.row, self.opts.max_events, ordered=self.plan.use_ring
+            self.spec, self.ctx, self.writer.row, self.opts.max_events, ordered=self.plan.use_ring,
+            write_batch=self.writer.batch,
         )
         size = self.spec.event.size
         add = self.stream.add
@@ -527,8 +528,7 @@ class Session:
             # Read from the ring's mapping: no ctypes call per sample, and
             # each sample unpacked where it lies.
             events = self.loaded["events"]
-            self.reader = ringbuf.RingReader(events.fd, size, self.spec.event.struct.unpack_from,
-                                             size=events.max_entries)
+            self.reader = ringbuf.RingReader(events.fd, size, self.spec.event.struct, size=events.max_entries)
             add_values = self.stream.add_values
             self._poll = lambda timeout, read=self.reader.poll: read(timeout, add, add_values)
             return

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tcptrace import loader, ringbuf
 from tcptrace.loader import (
@@ -353,8 +354,8 @@ def test_ring_record_that_wraps_reads_whole(ring):
     ring.record(payload)
     got = []
     layout = struct.Struct("<5Q")
-    with ringbuf.RingReader(ring.fd, 40, unpack_from=layout.unpack_from, size=RING) as reader:
-        assert reader.consume(None, got.append) == 1
+    with ringbuf.RingReader(ring.fd, 40, event=layout, size=RING) as reader:
+        assert reader.consume(None, got.extend) == 1
     assert got == [layout.unpack(payload)]
     assert ring.consumer() == start + 48
 
@@ -372,6 +373,57 @@ def test_ring_record_that_wraps_is_joined_when_handed_as_bytes(ring, before_end)
         assert reader.consume(got.append) == 2
     assert got == [payload, b"N" * 16]
     assert ring.consumer() == ring.prod
+
+
+EVENT40 = struct.Struct("<5Q")
+RECORDS = st.lists(
+    st.tuples(st.sampled_from(["event", "event", "event", "other", "discard"]),
+              st.integers(1, 64), st.binary(min_size=64, max_size=64)),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(records=RECORDS, before_end=st.integers(1, RING // 8), busy_at=st.one_of(st.none(), st.integers(0, 40)))
+def test_ring_runs_read_what_one_record_at_a_time_reads(records, before_end, busy_at):
+    """Runs of event-sized records are read by struct in one go; around
+    them, records of other sizes, discarded ones, an uncommitted one (where
+    reading stops) and the end of the data (where a run must stop and a
+    record may wrap) give the same records, in order, as the careful path."""
+    ring = FakeRing()
+    try:
+        pos = ring.prod = 8 * RING - 8 * before_end  # laps in, often close to the end of the data
+        ring.set_consumer(pos)
+        expected, stop, used = [], None, 0
+        for i, (kind, length, payload) in enumerate(records):
+            body = payload[: 40 if kind == "event" else length]
+            if used + ((len(body) + 15) & ~7) > RING:
+                break
+            used += (len(body) + 15) & ~7
+            busy = i == busy_at
+            if busy and stop is None:
+                stop = ring.prod
+            ring.record(body, busy=busy, discard=kind == "discard")
+            if stop is None and kind != "discard":
+                expected.append(("v", EVENT40.unpack(body[:40])) if len(body) >= 40 else ("b", body))
+        got = []
+        with ringbuf.RingReader(ring.fd, 40, event=EVENT40, size=RING) as reader:
+            count = reader.consume(lambda raw: got.append(("b", raw)),
+                                   lambda many: got.extend(("v", v) for v in many))
+        assert got == expected and count == len(expected)
+        assert ring.consumer() == (ring.prod if stop is None else stop)
+    finally:
+        os.close(ring.fd)
+
+
+def test_ring_event_struct_must_match_the_record():
+    ring = FakeRing()
+    try:
+        for bad in (struct.Struct("<4Q"), struct.Struct("=5Q"), struct.Struct(">5Q")):
+            with pytest.raises(ValueError):
+                ringbuf.RingReader(ring.fd, 40, event=bad, size=RING)
+    finally:
+        os.close(ring.fd)
 
 
 def test_ring_maps_the_data_once(ring):

@@ -311,7 +311,7 @@ CACHED = PRELUDE + textwrap.dedent("""
     for tp in spec.tracepoints:
         loaded.attach_tracepoint(source.root, tp.name, tp.function)
     events = loaded["events"]
-    reader = ringbuf.RingReader(events.fd, spec.event.size, spec.event.struct.unpack_from, size=events.max_entries)
+    reader = ringbuf.RingReader(events.fd, spec.event.size, spec.event.struct, size=events.max_entries)
 """)
 BCC = PRELUDE + textwrap.dedent("""
     bcc, _ = runtime.find_bcc()
