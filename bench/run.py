@@ -34,6 +34,7 @@ the raw numbers in a .json beside it.
 """
 
 import argparse
+import collections
 import datetime
 import glob
 import json
@@ -417,6 +418,49 @@ def count_rows(path, portmap, nloads):
     return counts, other, lost, parser.n is not None
 
 
+def socket_paths(path, portmap, nloads):
+    """For a tcpstates-like output (SKADDR, OLDSTATE, NEWSTATE columns):
+    per load, how many socket lifetimes took each path through the states.
+    A lifetime is a socket address's rows up to a change to CLOSE (the
+    kernel reuses the address after that); a path is its states in order.
+    A load that is rows short without a loss to show for it then tells
+    whether sockets took a shorter path or rows went missing (a path with
+    a gap: a state changed from that it never changed to)."""
+    parser = RowParser()
+    paths = [collections.Counter() for _ in range(nloads)]
+    open_paths = {}
+    cols = None
+    with open(path, "rb") as f:
+        for line in f:
+            ports = parser.ports(line)
+            if ports is None:
+                if cols is None and parser.n is not None:
+                    t = line.split()
+                    if all(h in t for h in (b"SKADDR", b"OLDSTATE", b"NEWSTATE")):
+                        cols = (t.index(b"SKADDR"), t.index(b"OLDSTATE") - parser.n,
+                                t.index(b"NEWSTATE") - parser.n)
+                continue
+            if cols is None:
+                return None
+            idx = classify(ports[0], ports[1], portmap)
+            if idx is None:
+                continue
+            t = line.split()
+            sk, old, new = t[cols[0]], t[cols[1]].decode(), t[cols[2]].decode()
+            key = (idx, sk)
+            states = open_paths.setdefault(key, [old])
+            if states[-1] != old:
+                states.append("?")  # a row that should be there is not
+                states.append(old)
+            states.append(new)
+            if new == "CLOSE":
+                paths[idx][">".join(states)] += 1
+                del open_paths[key]
+    for (idx, _), states in open_paths.items():
+        paths[idx][">".join(states) + " (not closed)"] += 1
+    return paths
+
+
 LOST_TCPTRACE = (re.compile(r"(\d+) in all\)"), re.compile(r"(\d+) events lost in all"))
 LOST_GENERIC = re.compile(r"[Ll]ost (\d+) (?:events|samples)")
 LOST_LINE = re.compile(rb"[Ll]ost (\d+) (?:events|samples)")
@@ -697,6 +741,11 @@ def run_tracer(tracer, loads, ports, python, headers, workdir, keep):
             entry["expected"] = load["connections"] * tracer.rows_per_connection
         entry["lost"] = entry.get("lost_total", 0) - previous_lost + more_lost
         previous_lost = entry.get("lost_total", 0)
+    if tracer.kind == "states" and any(not accounted(e) for e in result["loads"]):
+        paths = socket_paths(out_path, portmap, len(loads))
+        for i, entry in enumerate(result["loads"]):
+            if paths is not None and not accounted(entry):
+                entry["paths"] = paths[i].most_common(12)
     if not keep:
         for path in (out_path, err_path):
             try:
@@ -913,9 +962,17 @@ def load_stat(results, name, key, what):
                 out.append(entry.get("other_cpu_pct"))
             elif what == "accounted":
                 if entry.get("expected") is not None:
-                    missing = entry["expected"] - entry["rows"]
-                    out.append(missing <= entry.get("lost", 0) and entry["rows"] <= entry["expected"])
+                    out.append(accounted(entry))
     return out
+
+
+def accounted(entry):
+    """Every row short of the expected count has a reported loss, and no
+    row is extra."""
+    if entry.get("expected") is None or "rows" not in entry:
+        return True
+    missing = entry["expected"] - entry["rows"]
+    return missing <= entry.get("lost", 0) and entry["rows"] <= entry["expected"]
 
 
 def overall_cpu_us(results, name):
@@ -1049,8 +1106,28 @@ def render(info, order, loads, results):
                  + "; ".join(f"{k}: {'/'.join(str(x) for x in v)}" for k, v in noise.items()))
     lines.append("")
 
+    lines += unaccounted(tracers, results)
     lines += targets(tracers, results, keys)
     return "\n".join(lines) + "\n"
+
+
+def unaccounted(tracers, results):
+    """The socket paths of every load whose missing rows were not all
+    reported lost (see socket_paths)."""
+    out = []
+    for t in tracers:
+        for rep, r in enumerate(results[t.name]):
+            for e in r.get("loads", []):
+                if "paths" not in e:
+                    continue
+                out.append(f"- {t.label}, repetition {rep + 1}, load {e['key']}: {e['rows']} rows of "
+                           f"{e['expected']}, {e.get('lost', 0)} reported lost; socket lifetimes by path:")
+                out += [f"  - {n} x {p}" for p, n in e["paths"]]
+    if out:
+        out = ["## Loads that do not add up", "",
+               "Rows short of what the load made with fewer losses reported; the sockets' paths through the "
+               "states tell a shorter path from a missing row ('?').", ""] + out + [""]
+    return out
 
 
 def targets(tracers, results, keys):
