@@ -4,38 +4,64 @@ import socket
 
 AF_INET = socket.AF_INET  # 2
 AF_INET6 = socket.AF_INET6  # 10
-IP_VERSION = {AF_INET: 4, AF_INET6: 6}
+
+
+class _Versions(dict):
+    def __missing__(self, family):
+        return family
+
+
+IP_VERSION = _Versions({AF_INET: 4, AF_INET6: 6})  # IP_VERSION[family]: 4, 6, or the family number
 
 _ntop = socket.inet_ntop
 
 
 # A tracer sees the same few addresses and task names over and over: a
-# bounded cache turns most conversions into one dict lookup.
+# bounded cache turns most conversions into one dict lookup. The caches are
+# dicts that convert what they miss (__missing__), so a decoder's lookup,
+# ADDRESS[family][raw] or COMM[raw], is a subscript in C when it hits.
 _CACHE_MAX = 16384
-_addresses = {}
-_comms = {}
 
 
-def _convert_address(family, raw):
-    try:
-        if family == AF_INET:
-            return _ntop(AF_INET, raw[:4])
-        if family == AF_INET6:
-            return _ntop(AF_INET6, raw[:16])
-    except (ValueError, OSError):
-        pass
-    return "?"
+class _Cache(dict):
+    __slots__ = ("convert",)
+
+    def __init__(self, convert):
+        super().__init__()
+        self.convert = convert
+
+    def __missing__(self, key):
+        if len(self) >= _CACHE_MAX:
+            self.clear()
+        value = self[key] = self.convert(key)
+        return value
+
+
+def _converter(family, length):
+    def convert(raw):
+        try:
+            return _ntop(family, raw[:length])
+        except (ValueError, OSError):
+            return "?"
+    return convert
+
+
+class _Families(dict):
+    """ADDRESS[family]: the address cache of a family; one that is neither
+    IPv4 nor IPv6 gives "?" for any address."""
+
+    def __missing__(self, family):
+        return _UNKNOWN
+
+
+_UNKNOWN = _Cache(lambda raw: "?")
+ADDRESS = _Families({AF_INET: _Cache(_converter(AF_INET, 4)), AF_INET6: _Cache(_converter(AF_INET6, 16))})
+COMM = _Cache(lambda raw: raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
 
 
 def address(family, raw):
     """Text form of a 16-byte address field (IPv4 in the first 4 bytes)."""
-    key = (family, raw)
-    text = _addresses.get(key)
-    if text is None:
-        if len(_addresses) >= _CACHE_MAX:
-            _addresses.clear()
-        text = _addresses[key] = _convert_address(family, raw)
-    return text
+    return ADDRESS[family][raw]
 
 
 def endpoint(family, addr, port):
@@ -47,9 +73,4 @@ def endpoint(family, addr, port):
 
 def comm(raw):
     """A task name from a NUL-padded char[16]."""
-    text = _comms.get(raw)
-    if text is None:
-        if len(_comms) >= _CACHE_MAX:
-            _comms.clear()
-        text = _comms[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return text
+    return COMM[raw]

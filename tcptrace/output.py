@@ -195,11 +195,19 @@ class TableWriter(Writer):
             cut = f".{width}" if (col.truncate and width) else ""
             parts.append("{:%s%s%s%s}" % (align, width or "", cut, col.spec))
         self.template = " ".join(parts)
-        # Faster still, for rows without blanks: printf-style formatting and
-        # a column picker in C.
-        percent = [_percent(col, width) for col, width in zip(cols, self.widths)]
+        # Faster still, for rows without blanks: printf-style formatting, a
+        # column picker in C, and constant columns written into the format.
+        percent, picked = [], []
+        positions = [None] * (len(cols) - len(self.index)) + self.index  # None: -T/-t's columns
+        for i, col, width in zip(positions, cols, self.widths):
+            if col.constant is not None:
+                text = _cell(col, width, col.constant)
+                percent.append(text.replace("%", "%%"))
+            else:
+                percent.append(_percent(col, width))
+                picked.append(i)
         self.percent = " ".join(percent) + "\n" if None not in percent else None
-        self.pick = operator.itemgetter(*self.index) if len(self.index) > 1 else None
+        self.pick = operator.itemgetter(*picked) if len(picked) > 1 and None not in picked else None
         # A blank (None) fails a numeric conversion (TypeError: the careful
         # path writes "-"), but %s would print it as "None": only rows with
         # a nullable text column need looking at.

@@ -33,6 +33,7 @@ class Column:
     # "f" number, else string).
     type: str = ""
     nullable: bool = False  # JSON null when the value is unknown
+    constant: Optional[str] = None  # the same text on every row (states' "->"): set in the table's format
 
     @property
     def json_type(self):

@@ -34,9 +34,19 @@ NAMES = {
 _BY_NAME = {name: number for number, name in NAMES.items()}
 
 
+class _Names(dict):
+    def __missing__(self, state):
+        return str(state)
+
+
+# NAME[state]: the state's name, or the number as text for one the kernel
+# may add later (a subscript: the decoders' per-event form of name()).
+NAME = _Names(NAMES)
+
+
 def name(state):
     """The state's name; a number the kernel may add later is printed as that number."""
-    return NAMES.get(state) or str(state)
+    return NAME[state]
 
 
 def number(text):

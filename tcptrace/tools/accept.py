@@ -35,11 +35,11 @@ def decode(ev, ctx: DecodeContext):
     _ts, _skaddr, syn_recv_ns, pid, family, lport, rport, known, _unused, saddr, daddr, comm = ev
     return (
         pid if known else None,
-        net.comm(comm) if known else None,
+        net.COMM[comm] if known else None,
         net.IP_VERSION.get(family, family),
-        net.address(family, saddr),
+        net.ADDRESS[family][saddr],
         lport,
-        net.address(family, daddr),
+        net.ADDRESS[family][daddr],
         rport,
         syn_recv_ns / 1e6,
     )

@@ -60,11 +60,11 @@ def decode(ev, ctx: DecodeContext):
     _ts, _skaddr, lat_ns, pid, error, family, lport, rport, failed, reset, saddr, daddr, comm = ev
     return (
         pid,
-        net.comm(comm),
+        net.COMM[comm],
         net.IP_VERSION.get(family, family),
-        net.address(family, saddr),
+        net.ADDRESS[family][saddr],
         lport,
-        net.address(family, daddr),
+        net.ADDRESS[family][daddr],
         rport,
         lat_ns / 1e6,
         result(failed, reset, error),

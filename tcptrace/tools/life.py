@@ -68,19 +68,23 @@ def _kb(count):
     return None if count is None else count // 1024
 
 
+_COMM, _ADDRESS, _VERSION = net.COMM, net.ADDRESS, net.IP_VERSION
+
+
 def decode(ev, ctx: DecodeContext):
     (_ts, span_ns, connect_ns, tx, rx, pid, retransmits, family, lport, rport,
      partial, bytes_known, connect_known, retrans_known, closer, saddr, daddr, comm) = ev
     if not (bytes_known and _counters_trusted(ctx)):
         tx = rx = None
     ms = span_ns / 1e6
+    address = _ADDRESS[family]
     return (
         pid or None,
-        net.comm(comm) if pid else None,
-        net.IP_VERSION.get(family, family),
-        net.address(family, saddr),
+        _COMM[comm] if pid else None,
+        _VERSION[family],
+        address[saddr],
         lport,
-        net.address(family, daddr),
+        address[daddr],
         rport,
         _kb(tx),
         _kb(rx),

@@ -74,12 +74,12 @@ def decode(ev, ctx: DecodeContext):
     _ts, _skaddr, pid, state, reason, family, lport, rport, dir_, known, saddr, daddr, comm = ev
     return (
         pid if known else None,
-        net.comm(comm) if known else None,
+        net.COMM[comm] if known else None,
         net.IP_VERSION.get(family, family),
         direction(dir_),
-        net.address(family, saddr),
+        net.ADDRESS[family][saddr],
         lport,
-        net.address(family, daddr),
+        net.ADDRESS[family][daddr],
         rport,
         tcpstate.name(state) if state else None,
         reason_name(reason, ctx),
@@ -90,9 +90,9 @@ def decode_count(key, ctx: DecodeContext):
     saddr, daddr, family, lport, rport, dir_, _unused, reason = key
     return (
         direction(dir_),
-        net.address(family, saddr),
+        net.ADDRESS[family][saddr],
         lport,
-        net.address(family, daddr),
+        net.ADDRESS[family][daddr],
         rport,
         reason_name(reason, ctx),
     )

@@ -93,11 +93,11 @@ def _owner_from_proc(ctx, kind, family, laddr, lport, raddr, rport):
 
 def decode(ev, ctx: DecodeContext):
     _ts, pid, state, err, family, lport, rport, kind, flags, saddr, daddr, comm = ev
-    laddr = net.address(family, saddr)
-    raddr = net.address(family, daddr)
+    laddr = net.ADDRESS[family][saddr]
+    raddr = net.ADDRESS[family][daddr]
     name, arrow = TYPES.get(kind, (str(kind), "?>"))
     if flags & OWNER_KNOWN:
-        owner = (pid, net.comm(comm))
+        owner = (pid, net.COMM[comm])
     else:
         # Unknown to the kernel: a socket opened before tracing began.
         owner = _owner_from_proc(ctx, kind, family, laddr, lport, raddr, rport)
@@ -123,9 +123,9 @@ def decode_count(key, ctx: DecodeContext):
     saddr, daddr, family, lport, rport, kind = key
     return (
         net.IP_VERSION.get(family, family),
-        net.address(family, saddr),
+        net.ADDRESS[family][saddr],
         lport,
-        net.address(family, daddr),
+        net.ADDRESS[family][daddr],
         rport,
         TYPES.get(kind, (str(kind),))[0],
     )

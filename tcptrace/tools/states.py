@@ -30,29 +30,30 @@ COLUMNS = (
     IP_COLUMN,
     *ENDPOINT_COLUMNS,
     Column("oldstate", "OLDSTATE", 11),
-    Column("arrow", "->", 2, json=False),
+    Column("arrow", "->", 2, json=False, constant="->"),
     Column("newstate", "NEWSTATE", 11),
     Column("ms", "MS", 0, ".3f", nullable=True),
 )
 
 
-_STATE = tcpstate.NAMES
+_STATE, _COMM, _ADDRESS, _VERSION = tcpstate.NAME, net.COMM, net.ADDRESS, net.IP_VERSION
 
 
 def decode(ev, ctx: DecodeContext):
     _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm = ev
+    address = _ADDRESS[family]
     return (
-        f"{skaddr:x}",
+        "%x" % skaddr,
         pid,
-        net.comm(comm),
-        net.IP_VERSION.get(family, family),
-        net.address(family, saddr),
+        _COMM[comm],
+        _VERSION[family],
+        address[saddr],
         lport,
-        net.address(family, daddr),
+        address[daddr],
         rport,
-        _STATE.get(old) or str(old),
+        _STATE[old],
         "->",
-        _STATE.get(new) or str(new),
+        _STATE[new],
         None if delta_ns == DELTA_UNKNOWN else delta_ns / 1e6,
     )
 
