@@ -207,6 +207,7 @@ class TableWriter(Writer):
                 percent.append(_percent(col, width))
                 picked.append(i)
         self.percent = " ".join(percent) + "\n" if None not in percent else None
+        self.picked = tuple(picked)  # the positions in decode()'s row that percent formats
         self.pick = operator.itemgetter(*picked) if len(picked) > 1 and None not in picked else None
         # A blank (None) fails a numeric conversion (TypeError: the careful
         # path writes "-"), but %s would print it as "None": only rows with

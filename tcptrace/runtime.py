@@ -8,6 +8,7 @@ detaches. Every bcc failure becomes one of our error types here.
 
 import contextlib
 import ctypes
+import functools
 import importlib
 import os
 import re
@@ -513,12 +514,20 @@ class Session:
                     "rejected the program (its log is above)."
                 )
 
+    def _write_batch(self):
+        """The writer's batch path, or the tool's own for its table."""
+        from .output import TableWriter
+
+        if self.spec.table_batch is not None and isinstance(self.writer, TableWriter):
+            return functools.partial(self.spec.table_batch, self.writer)
+        return self.writer.batch
+
     def _open_buffer(self):
         from .stream import EventStream
 
         self.stream = EventStream(
             self.spec, self.ctx, self.writer.row, self.opts.max_events, ordered=self.plan.use_ring,
-            write_batch=self.writer.batch,
+            write_batch=self._write_batch(),
         )
         size = self.spec.event.size
         add = self.stream.add

@@ -100,6 +100,11 @@ class ToolSpec:
     counter: Optional[Counter] = None
     notes: str = ""  # extra --help text (what needs a kprobe, caveats)
     always_time: bool = False  # a TIME column without -T (bcc's tcpretrans always has one)
+    # A tool's own per-event path for its streaming table: (TableWriter,
+    # samples, decode, ctx) -> (rows written, malformed), what decode() and
+    # the writer's batch() make, in one loop without the row in between;
+    # it hands back to writer.batch() for a layout it was not made for.
+    table_batch: Optional[Callable] = None
 
     def table_columns(self, wide=False, extended=False):
         return [
