@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import json
 import os
 import re
 import signal
@@ -365,6 +366,7 @@ class Session:
         self.counting = bool(opts.count and spec.counter)
         self.buffered = buffer and not self.counting
         self.attached = []  # the tracepoints attached, in the spec's order
+        self.built_by = None  # the bcc version of a build made in a child process
 
     def say(self, text):
         self.err.write(f"tcptrace: {text}\n")
@@ -399,7 +401,8 @@ class Session:
             self._open_buffer()
         origin = (f"compiled program from the cache (built by bcc {self.bcc_version} before)"
                   if self.build_mode == "cached" else
-                  f"bcc {self.bcc_version} from {self.bcc_where}; {self.build_mode} build")
+                  f"bcc {self.bcc_version} from {self.bcc_where}; {self.build_mode} build"
+                  + (" in a child process" if self.built_by else ""))
         self.verbose(
             f"{origin}; "
             f"{'ring' if self.plan.use_ring else 'perf'} buffer; "
@@ -461,12 +464,23 @@ class Session:
                     return
                 except loader.LoaderError as e:
                     self.verbose(f"the cached program did not load ({e}); building with bcc")
+        functions = [tp.function for tp in self.spec.tracepoints if tp.name in self.plan.formats]
+        if path is not None and not os.environ.get("TCPTRACE_BUILD_HERE"):
+            compiled = self._build_apart(functions)
+            if compiled is not None:
+                try:
+                    self.loaded = loader.Loaded(compiled)
+                except loader.LoaderError as e:
+                    self.verbose(f"the program built apart did not load ({e}); building here")
+                else:
+                    if not loader.write_cache(path, compiled):
+                        self.verbose(f"the compiled program could not be cached in {os.path.dirname(path)}")
+                    return
         bcc, self.bcc_where = find_bcc()
         self.bcc = bcc
         self._build(bcc)
         if path is None:
             return
-        functions = [tp.function for tp in self.spec.tracepoints if tp.name in self.plan.formats]
         try:
             compiled = loader.capture(self.bpf, functions)
             loaded = loader.Loaded(compiled)
@@ -478,6 +492,77 @@ class Session:
         self.loaded = loaded
         self.bpf.cleanup()
         self.bpf = None
+
+    def _build_apart(self, functions):
+        """Compile with bcc in a child process, which hands the program back
+        captured (loader.Compiled): bcc and LLVM, about 110 MiB, are then
+        never mapped into this process, which may run for days. None when
+        the child did not manage it: the caller builds here, and that build
+        says why (the child's messages are dropped then, not shown twice)."""
+        import tempfile
+
+        from . import loader
+
+        try:
+            log = tempfile.TemporaryFile()
+            r, w = os.pipe()
+        except OSError:
+            return None
+        for stream in (sys.stdout, sys.stderr, self.err):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        pid = os.fork()
+        if pid == 0:  # the child: reports on the pipe, never returns
+            status = 1
+            try:
+                os.close(r)
+                os.dup2(log.fileno(), 2)  # bcc's and the compiler's messages, too
+                self.err = os.fdopen(os.dup(log.fileno()), "w")
+                bcc, where = find_bcc()
+                self.bcc = bcc
+                self._build(bcc)
+                reply = {"mode": self.build_mode, "where": where, "version": self.bcc_version,
+                         "program": loader.capture(self.bpf, functions).to_json()}
+                with os.fdopen(w, "w") as out:
+                    out.write(json.dumps(reply))
+                status = 0
+            except BaseException:
+                pass
+            finally:
+                os._exit(status)
+        os.close(w)
+        try:
+            with os.fdopen(r) as pipe:
+                text = pipe.read()
+            _, status = os.waitpid(pid, 0)
+        except BaseException:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            log.close()
+            raise
+        with log:
+            log.seek(0)
+            messages = log.read().decode(errors="replace")
+        if status != 0 or not text:
+            self.verbose("the build in a child process failed; building here")
+            return None
+        try:
+            reply = json.loads(text)
+            compiled = loader.Compiled.from_json(reply["program"])
+        except (ValueError, KeyError, TypeError) as e:
+            self.verbose(f"the child's build came back unusable ({e}); building here")
+            return None
+        if messages:
+            self.err.write(messages)
+            self.err.flush()
+        self.bcc_where, self.build_mode = reply.get("where", "-"), reply.get("mode", "")
+        self.built_by = reply.get("version")
+        return compiled
 
     def map(self, name):
         """A map of the program, read and written as bytes, on either path."""
@@ -604,7 +689,7 @@ class Session:
 
     @property
     def bcc_version(self):
-        version = getattr(getattr(self, "bcc", None), "__version__", None)
+        version = getattr(getattr(self, "bcc", None), "__version__", None) or self.built_by
         if version is None:
             from .loader import bcc_version
 

@@ -319,3 +319,40 @@ def test_second_interrupt_while_finishing(bpf, report):
         assert t.wait(timeout=30) == 0, t.stderr
     assert "Traceback" not in t.stderr
     report("Faults", "two SIGINTs in a row (Ctrl-C twice)", f"exit {t.returncode}, nothing on stderr but the run's summary")
+
+
+@pytest.mark.parametrize("failure", ["child fails", "child killed"])
+def test_a_failed_build_in_a_child_is_made_here(bpf, monkeypatch, tmp_path, failure, report):
+    """With nothing cached, bcc compiles in a child process; when that child
+    fails (or dies), the program is built in the tracer itself, which works
+    as before and says so with --verbose."""
+    import io
+
+    from tcptrace import output, runtime
+    from tcptrace.tools import states
+
+    parent = os.getpid()
+    real = runtime.find_bcc
+
+    def find_bcc():
+        if os.getpid() != parent:  # only in the child made by the fork
+            if failure == "child killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise errors.BccMissingError("not in the child")
+        return real()
+
+    monkeypatch.setattr(runtime, "find_bcc", find_bcc)
+    monkeypatch.setenv("TCPTRACE_CACHE_DIR", str(tmp_path))
+    err = io.StringIO()
+    writer = output.writer("table", io.StringIO(), states.SPEC.columns)
+    session = runtime.Session(states.SPEC, runtime.RunOptions(verbose=True), writer, err=err)
+    try:
+        session.open()
+        assert session.bcc is not None and not session.built_by, err.getvalue()
+        assert session.attached == [tp.name for tp in states.SPEC.tracepoints]
+    finally:
+        session.close()
+    text = err.getvalue()
+    assert "the build in a child process failed; building here" in text and "not in the child" not in text
+    report("Faults", f"the first run's build in a child process: {failure}",
+           "built in the tracer instead, traced as usual; --verbose says so")

@@ -23,7 +23,6 @@ TRACEPOINT = "sock:inet_sock_set_state"
 CLIENT_FIRST = ["CLOSE>SYN_SENT", "SYN_SENT>ESTABLISHED", "ESTABLISHED>FIN_WAIT1",
                 "FIN_WAIT1>FIN_WAIT2", "FIN_WAIT2>CLOSE"]
 HOSTS = {"v4": ("127.0.0.1", socket.AF_INET, 4), "v6": ("::1", socket.AF_INET6, 6)}
-STARTUP_TARGET_S = 0.6
 PEAK_RSS_TARGET_KIB = 127 * 1024
 RUNS = 3
 
@@ -368,7 +367,33 @@ def test_cached_path_start_up_and_memory(built, tmp_path):
                "peak_rss_mib": round(statistics.median(r["hwm_kib"] for _e, r in runs) / 1024, 1)}
         for name, runs in (("cached", cached), ("bcc", viabcc))
     }
+    # Printed, not asserted: timings are the benchmark's (bench/run.py).
     print(f"\nstart-up to attached and peak RSS (median of {RUNS}): {json.dumps(numbers)}")
-    assert numbers["cached"]["start_s"] <= STARTUP_TARGET_S, numbers
     assert max(r["hwm_kib"] for _e, r in cached) <= PEAK_RSS_TARGET_KIB, numbers
-    assert numbers["cached"]["start_s"] < numbers["bcc"]["start_s"], numbers
+
+
+# The whole of Session.open() with nothing cached: bcc compiles in a child
+# process, so neither bcc nor libbcc (nor LLVM) gets into this one.
+FIRST_RUN = PRELUDE + textwrap.dedent("""
+    import io
+    err = io.StringIO()
+    session = runtime.Session(spec, runtime.RunOptions(verbose=True), writer=tcptrace.output.writer(
+        "table", sys.stdout, spec.columns), err=err)
+    session.open()
+    sys.stderr.write(err.getvalue())
+""")
+
+
+def test_first_run_builds_in_a_child_and_keeps_bcc_out(tmp_path):
+    env = dict(os.environ, TCPTRACE_CACHE_DIR=str(tmp_path))
+    env.pop("TCPTRACE_BUILD_HERE", None)
+    script = "import tcptrace.output\n" + FIRST_RUN + REPORT
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    out, err = proc.communicate("", timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report == dict(report, bcc_imported=False, libbcc=False), err
+    assert report["hwm_kib"] <= PEAK_RSS_TARGET_KIB, report
+    assert "build" in err and "from the cache" not in err, err  # built now, by bcc, and said so
+    assert [n for n in os.listdir(tmp_path) if n.startswith("prog-")], "the child's program is cached"
