@@ -302,6 +302,22 @@ SCHEMA_VERSION = 1  # tcptrace/schema/events-v1.json; bumped when a key changes 
 ENVELOPE = ("ts", "ts_mono", "host", "tool", "schema")  # the keys every JSON object starts with
 
 
+def _encoder():
+    """json.dumps(obj, separators=(",", ":"), ensure_ascii=False) for the
+    flat objects of a row: JSONEncoder.encode makes a new C encoder on every
+    call (half its cost for a row); this makes it once. Without the C
+    accelerator, JSONEncoder.encode itself."""
+    from json import encoder as enc
+
+    plain = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+    if enc.c_make_encoder is None:
+        return plain.encode
+    # markers=None: no cycle check (a row holds no containers); allow_nan as json.dumps.
+    make = enc.c_make_encoder(None, plain.default, enc.encode_basestring, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda obj: join(make(obj, 0))
+
+
 class JsonWriter(Writer):
     """JSON Lines. Every object starts with the envelope: `ts`, `ts_mono`,
     `host`, `tool`, `schema` (see tcptrace/events.py), so that the lines of
@@ -310,7 +326,7 @@ class JsonWriter(Writer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.keys = [c.key for c in self.all_columns]
-        self.dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+        self.dumps = _encoder()
         host = self.dumps(socket.gethostname())
         tool = f',"tool":{self.dumps(self.tool)}' if self.tool else ""
         self.head = Stamps(f'"host":{host}{tool},"schema":{SCHEMA_VERSION}').head
@@ -324,6 +340,21 @@ class JsonWriter(Writer):
         # A tool has at least one JSON column: the body is never "{}".
         self.stream.write(self.head(ts_ns) + self.dumps(dict(zip(self.keys, vals)))[1:] + "\n")
         self.rows += 1
+
+    def batch(self, samples, decode, ctx):
+        """The per-event path: decode, pick and encode each row, one write
+        for the batch."""
+        if self.show_time or self.show_timestamp or len(self.index) < 2:
+            return super().batch(samples, decode, ctx)
+        head, dumps, keys, pick = self.head, self.dumps, self.keys, operator.itemgetter(*self.index)
+        lines = []
+        add = lines.append
+        rows = Decoded(samples, decode, ctx)
+        for ts, row in rows:
+            add(head(ts) + dumps(dict(zip(keys, pick(row))))[1:] + "\n")
+        self.stream.write("".join(lines))
+        self.rows += len(lines)
+        return len(lines), rows.malformed
 
     def summary(self, columns, rows, title=None):
         keys = [c.key for c in columns]
