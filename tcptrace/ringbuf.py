@@ -175,6 +175,28 @@ class RingReader:
                 return got
         return got
 
+    def count_ready(self, until_ns=None):
+        """How many committed records wait to be read (the consumer
+        position stays where it is); with until_ns, only those whose first
+        field, a u64 kernel time, is at most until_ns."""
+        mask, base = self.mask, self.data_off
+        cons = _U64.unpack_from(self.cons, 0)[0]
+        prod = _U64.unpack_from(self.prod, 0)[0]
+        count = 0
+        while cons < prod:
+            hdr = _U32.unpack_from(self.prod, base + (cons & mask))[0]
+            if hdr & BUSY_BIT:
+                break
+            length = hdr & ~(BUSY_BIT | DISCARD_BIT)
+            if not hdr & DISCARD_BIT and (
+                until_ns is None
+                # 8-aligned in a data area of whole pages: the time never wraps
+                or (length >= 8 and _U64.unpack_from(self.prod, base + ((cons + HDR_SZ) & mask))[0] <= until_ns)
+            ):
+                count += 1
+            cons += (length + HDR_SZ + 7) & ~7
+        return count
+
     def close(self):
         if self.data is not None:
             self.data.release()

@@ -33,6 +33,7 @@ from .spec import DecodeContext
 CAP_PERFMON = 38
 CAP_BPF = 39
 POLL_MS = 100
+LAST_DRAIN_S = 2.0  # how long the end of a run may spend printing what is still buffered
 RING_PAGES = 16384  # 64 MiB; see defines_for()
 STATS_EVERY_S = 1.0
 STAT_LOST_OUTPUT, STAT_UNTRACKED = 0, 1
@@ -259,40 +260,61 @@ class StopWriting(Exception):
 
 
 class Stopper:
-    """SIGINT, SIGTERM and SIGHUP end the run at the next poll; one that
-    comes while output is being written (writing is set) also abandons
-    that write, which may be blocked for good."""
+    """SIGINT, SIGTERM and SIGHUP end the run at the next poll. Output under
+    way when one comes may take GRACE_S more to finish, so a stop loses no
+    row a reader is taking; a write still blocked then (a pipe whose reader
+    is alive but no longer reads) is abandoned, as is any write at a second
+    signal. Output after a stop (the last drain, the report) has the same
+    grace."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    GRACE_S = 1.0
 
     def __init__(self):
         self.stop = False
+        self.stopped_ns = None
         self.writing = False
 
     def __enter__(self):
-        for sig in self.SIGNALS:
+        for sig in self.SIGNALS + (signal.SIGALRM,):
             signal.signal(sig, self._handle)
         return self
 
+    def _abandon(self):
+        self.writing = False
+        raise StopWriting()
+
     def _handle(self, signum, frame):
+        if signum == signal.SIGALRM:  # the grace is over
+            if self.writing:
+                self._abandon()
+            return
+        again = self.stop
+        if not again:
+            self.stopped_ns = time.monotonic_ns()  # the end of the run: the clock of the events' times
         self.stop = True
         if self.writing:
-            self.writing = False
-            raise StopWriting()
+            if again:
+                self._abandon()
+            signal.setitimer(signal.ITIMER_REAL, self.GRACE_S)
 
     @contextlib.contextmanager
     def output(self):
         """Around a write that a stop signal may abandon."""
         self.writing = True
+        if self.stop:
+            signal.setitimer(signal.ITIMER_REAL, self.GRACE_S)
         try:
             yield
         finally:
             self.writing = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def __exit__(self, *exc):
         # The handlers stay: a second Ctrl-C while the run finishes (the
         # last drain, a count summary, detaching) is absorbed, not a
         # KeyboardInterrupt in the middle of cleaning up.
+        signal.setitimer(signal.ITIMER_REAL, 0)
         return False
 
 
@@ -358,6 +380,9 @@ class Session:
         self.lost = 0
         self.lost_reported = 0
         self.skipped = 0  # events the kernel never handed to the program (in self.lost too)
+        self.unprinted = 0  # events handed over that the run ended without printing (in self.lost too)
+        self.abandoned = 0  # of those, rows whose output was abandoned at the stop
+        self.flushed_rows = 0  # rows written and flushed
         self.untracked = 0
         self.malformed = 0  # count keys decode() could not make sense of
         self.stream = None
@@ -655,7 +680,7 @@ class Session:
         except (KeyError, OSError):
             return
         self.skipped = self.recursion_misses()
-        self.lost = lost + self.skipped
+        self.lost = lost + self.skipped + self.unprinted
 
     def program_fds(self):
         """The fds of the programs attached, by function name."""
@@ -769,6 +794,7 @@ class Session:
         deadline = time.monotonic() + self.opts.duration if self.opts.duration else None
         next_stats = time.monotonic() + STATS_EVERY_S
         writer = self.writer
+        ended_ns = None  # when the loop ended, if no signal ended it
         with Stopper() as stopper:
             try:
                 while not stopper.stop:
@@ -782,6 +808,7 @@ class Session:
                     with stopper.output():
                         done = self.stream.drain()
                         writer.flush()
+                    self.flushed_rows = self.stream.rows
                     now = time.monotonic()
                     if now >= next_stats:
                         self.read_stats()
@@ -790,16 +817,50 @@ class Session:
                         next_stats = now + STATS_EVERY_S
                     if done:
                         break
+                ended_ns = time.monotonic_ns()  # the clock of the events' times
                 if not self.stream.done:
-                    # A last drain: events already in the buffer when the run ends count.
-                    self._poll(0)
-                    with stopper.output():
-                        self.stream.drain()
-                        writer.flush()
+                    self._last_drain(stopper)
             except StopWriting:  # stdout takes no more: drop what it holds
                 silence_stdout()
+                # The batch being written, and rows written since the last
+                # flush: some may have reached the output, maybe none.
+                self.abandoned = self.stream.in_flight + self.stream.rows - self.flushed_rows
+            self._count_unprinted(stopper.stopped_ns or ended_ns or time.monotonic_ns())
             self.read_stats()
             return self.final_report(stopper)
+
+    def _last_drain(self, stopper):
+        """Events already in the buffer when the run ends count: read until
+        it is empty, for at most LAST_DRAIN_S (what is left then is counted
+        by _count_unprinted)."""
+        from .ringbuf import BATCH
+
+        end = time.monotonic() + LAST_DRAIN_S
+        while True:
+            got = self._poll(0)
+            with stopper.output():
+                done = self.stream.drain()
+                self.writer.flush()
+            self.flushed_rows = self.stream.rows
+            if done or not got or got < BATCH or time.monotonic() >= end:
+                return
+
+    def _count_unprinted(self, ended_ns):
+        """Events of the run (up to ended_ns, when it ended) that it did not
+        print, because output was abandoned or the last drain ran out of
+        time, are lost too: counted and named, never dropped in silence.
+        Events after the end, while the programs are still attached, are
+        not the run's."""
+        if self.stream is None or self.stream.done:
+            return
+        stream = self.stream
+        left = self.abandoned + len(stream.pending) + sum(1 for v in stream.pending_values if v[0] <= ended_ns)
+        stream.pending, stream.pending_values = [], []
+        if self.reader is not None:
+            left += self.reader.count_ready(ended_ns)
+        self.unprinted += left
+        self.lost_reported += left  # named by finish_report, not as a buffer loss
+
 
     def final_report(self, stopper, with_lost=True):
         """The losses and totals on stderr, and the exit status."""
@@ -816,6 +877,10 @@ class Session:
 
     def finish_report(self):
         stream = self.stream
+        if self.unprinted:
+            cut = (f" ({self.abandoned} of them in output abandoned at the stop, which may have taken some)"
+                   if self.abandoned else "")
+            self.say(f"{self.unprinted} events of the run were not printed when it ended{cut}")
         if self.lost:
             printed = f"; {stream.rows} printed" if stream else ""
             self.say(f"{self.lost} events lost in all{printed}")

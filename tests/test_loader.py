@@ -416,6 +416,22 @@ def test_ring_runs_read_what_one_record_at_a_time_reads(records, before_end, bus
         os.close(ring.fd)
 
 
+def test_ring_counts_what_waits_up_to_a_time(ring):
+    for ts in (10, 20, 30):
+        ring.record(struct.pack("<QQ", ts, 0))
+    ring.record(struct.pack("<QQ", 15, 0), discard=True)
+    ring.record(struct.pack("<QQ", 5, 0))
+    ring.record(struct.pack("<QQ", 1, 0), busy=True)  # not committed: neither it nor what follows
+    ring.record(struct.pack("<QQ", 2, 0))
+    with ringbuf.RingReader(ring.fd, 16, size=RING) as reader:
+        assert reader.count_ready() == 4
+        assert reader.count_ready(until_ns=20) == 3
+        assert reader.count_ready(until_ns=4) == 0
+        assert ring.consumer() == 0  # counting reads nothing away
+        got = []
+        assert reader.consume(got.append) == 4 and reader.count_ready() == 0
+
+
 def test_ring_event_struct_must_match_the_record():
     ring = FakeRing()
     try:
