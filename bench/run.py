@@ -60,10 +60,13 @@ ROOT = HERE.parent
 LOADGEN = HERE / "loadgen.py"
 RESULTS = HERE / "results"
 
-# Rows each connection of the load makes in a tool of this kind.
-ROWS_PER_CONNECTION = {"states": 10, "life": 2}
-# The stock tool that each tcptrace tool is held against.
-BCC_TWIN = {"states": "bcc-tcpstates", "life": "bcc-tcplife"}
+# Rows each connection of the load makes in a tool of this kind (connect
+# and accept: the client's handshake and the server's).
+ROWS_PER_CONNECTION = {"states": 10, "life": 2, "connect": 1, "accept": 1}
+# The stock tool that each tcptrace tool is held against (connect and accept:
+# bcc tcpstates, the yardstick of the CPU target, on the same connections).
+BCC_TWIN = {"states": "bcc-tcpstates", "life": "bcc-tcplife", "connect": "bcc-tcpstates",
+            "accept": "bcc-tcpstates"}
 
 def packages():
     """Debian packages for the comparison: the stock tools, bpftrace, and the

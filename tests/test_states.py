@@ -3,9 +3,6 @@
 import io
 import socket
 
-import pytest
-from hypothesis import given, settings, strategies as st
-
 from helpers import unwrap
 from tcptrace import output
 from tcptrace.spec import DecodeContext
@@ -100,45 +97,3 @@ def test_time_columns():
     table = render("table", [event(ts_ns=10**9)], show_timestamp=True).splitlines()
     assert table[0].startswith("TIME(s)   SKADDR") and table[1].startswith("0.000000  ffff")
 
-
-EVENTS = st.lists(
-    st.builds(
-        lambda ts, sk, delta, pid, old, new, fam, lport, rport, saddr, daddr, comm: states.EVENT.struct.unpack(
-            states.EVENT.struct.pack(ts, sk, delta, pid, old, new, fam, lport, rport, saddr, daddr, comm)),
-        st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
-        st.one_of(st.just(states.DELTA_UNKNOWN), st.just(0), st.integers(0, 2**64 - 1)),
-        st.integers(0, 2**32 - 1), st.integers(-3, 15), st.integers(-3, 15), st.sampled_from([2, 10, 0, 1]),
-        st.integers(0, 65535), st.integers(0, 65535), st.binary(min_size=16, max_size=16),
-        st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
-    ),
-    max_size=20,
-)
-
-
-@pytest.mark.parametrize("options", [{}, {"wide": True}, {"show_time": True}, {"show_timestamp": True}],
-                         ids=["default", "wide", "T", "t"])
-@settings(max_examples=80, deadline=None)
-@given(events=EVENTS)
-def test_own_table_path_writes_what_decode_and_the_writer_write(options, events):
-    written = []
-    for batch in (states.table_batch, None):
-        stream = io.StringIO()
-        w = output.writer("table", stream, states.COLUMNS, **options)
-        if batch is None:
-            counts = w.batch(events, states.decode, DecodeContext())
-        else:
-            counts = batch(w, events, states.decode, DecodeContext())
-        written.append((stream.getvalue(), counts, w.rows))
-    if options.get("show_time"):  # the wall clock may tick between the two
-        written = [([line[9:] for line in text.splitlines()], counts, rows) for text, counts, rows in written]
-    assert written[0] == written[1]
-    assert written[0][1] == (len(events), 0)
-
-
-def test_own_table_path_is_the_one_a_run_takes():
-    from tcptrace.runtime import RunOptions, Session
-
-    session = Session(states.SPEC, RunOptions(), output.writer("table", io.StringIO(), states.COLUMNS))
-    assert session._write_batch().func is states.table_batch
-    json_session = Session(states.SPEC, RunOptions(), output.writer("json", io.StringIO(), states.COLUMNS))
-    assert json_session._write_batch() == json_session.writer.batch

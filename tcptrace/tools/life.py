@@ -61,7 +61,8 @@ COLUMNS = (
 
 
 def _counters_trusted(ctx):
-    return all(ctx.btf.get(key, (0, COUNTER_SIZE))[1] == COUNTER_SIZE for key in BYTE_COUNTERS)
+    btf = ctx.btf or {}
+    return all(btf.get(key, (0, COUNTER_SIZE))[1] == COUNTER_SIZE for key in BYTE_COUNTERS)
 
 
 def _kb(count):
@@ -99,6 +100,40 @@ def decode(ev, ctx: DecodeContext):
     )
 
 
+# The positions of decode()'s row that the table shows: by default, and
+# under -w with the IP column (-x adds columns: the writer's path).
+_TABLE = (0, 1, 3, 4, 5, 6, 7, 8, 16)
+_TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
+def table_batch(writer, samples, decode, ctx):
+    """decode() and the table's printf format in one loop, as states does:
+    the per-event path of `tcptrace life` (tests/test_life.py holds it to
+    decode() and TableWriter.batch). A session without an owner or byte
+    counts takes the writer's careful path (its blanks print as "-")."""
+    if not writer.fast or writer.picked not in (_TABLE, _TABLE_WIDE) or not _counters_trusted(ctx):
+        return writer.batch(samples, decode, ctx)
+    percent, careful, wide = writer.percent, writer.line, writer.picked == _TABLE_WIDE
+    lines = []
+    add = lines.append
+    for values in samples:
+        (_ts, span_ns, _connect_ns, tx, rx, pid, _retransmits, family, lport, rport,
+         partial, bytes_known, _connect_known, _retrans_known, _closer, saddr, daddr, comm) = values
+        if not (pid and bytes_known):
+            add(careful(_ts, decode(values, ctx)))
+            continue
+        address = _ADDRESS[family]
+        ms = "%.2f%s" % (span_ns / 1e6, PARTIAL_MARK if partial else "")
+        if wide:
+            add(percent % (pid, _COMM[comm], _VERSION[family], address[saddr], lport, address[daddr], rport,
+                           tx // 1024, rx // 1024, ms))
+        else:
+            add(percent % (pid, _COMM[comm], address[saddr], lport, address[daddr], rport, tx // 1024, rx // 1024, ms))
+    writer.stream.write("".join(lines))
+    writer.rows += len(lines)
+    return len(lines), 0
+
+
 SPEC = ToolSpec(
     name="life",
     summary="Trace TCP sessions as they close: owner, bytes and lifespan.",
@@ -128,6 +163,7 @@ SPEC = ToolSpec(
     event=EVENT,
     columns=COLUMNS,
     decode=decode,
+    table_batch=table_batch,
     tracepoints=(
         STATE_CHANGES,
         Tracepoint("tcp:tcp_destroy_sock", fields=("skaddr",), since="4.15", optional=True),
