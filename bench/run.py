@@ -464,6 +464,21 @@ def socket_paths(path, portmap, nloads):
     return paths
 
 
+def keep_rows(path, portmap, idx, workdir, what):
+    """The raw lines of load idx, and every line that is not a row at all
+    (a task name the parser cannot place, garbage), into a file of their
+    own in workdir: what a load that does not add up is checked against.
+    Returns the file's name."""
+    parser = RowParser()
+    fd, name = tempfile.mkstemp(prefix=f"unaccounted-{what.replace('/', '-')}-", suffix=".txt", dir=workdir)
+    with open(path, "rb") as f, os.fdopen(fd, "wb") as out:
+        for line in f:
+            ports = parser.ports(line)
+            if ports is None or classify(ports[0], ports[1], portmap) == idx:
+                out.write(line)
+    return os.path.basename(name)
+
+
 LOST_TCPTRACE = (re.compile(r"(\d+) in all\)"), re.compile(r"(\d+) events lost in all"))
 LOST_GENERIC = re.compile(r"[Ll]ost (\d+) (?:events|samples)")
 LOST_LINE = re.compile(rb"[Ll]ost (\d+) (?:events|samples)")
@@ -750,6 +765,7 @@ def run_tracer(tracer, loads, ports, python, headers, workdir, keep):
         for i, entry in enumerate(result["loads"]):
             if paths is not None and not accounted(entry):
                 entry["paths"] = paths[i].most_common(12)
+                entry["raw"] = keep_rows(out_path, portmap, i, workdir, f"{tracer.name}-{entry['key']}")
     if not keep:
         for path in (out_path, err_path):
             try:
@@ -904,6 +920,9 @@ def main(argv=None):
                     + (f", start-up error: {entry['startup']['error']}" if entry.get("startup", {}).get("error") else ""))
     finally:
         headers.unlink()
+        os.makedirs(args.out, exist_ok=True)
+        for name in glob.glob(os.path.join(workdir, "unaccounted-*")):  # a load that did not add up: keep its rows
+            shutil.move(name, os.path.join(args.out, started.strftime("%Y-%m-%d_%H%M%S-") + os.path.basename(name)))
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -1124,8 +1143,9 @@ def unaccounted(tracers, results):
             for e in r.get("loads", []):
                 if "paths" not in e:
                     continue
+                kept = f" (its rows beside this report: <date>-{e['raw']})" if e.get("raw") else ""
                 out.append(f"- {t.label}, repetition {rep + 1}, load {e['key']}: {e['rows']} rows of "
-                           f"{e['expected']}, {e.get('lost', 0)} reported lost; socket lifetimes by path:")
+                           f"{e['expected']}, {e.get('lost', 0)} reported lost{kept}; socket lifetimes by path:")
                 out += [f"  - {n} x {p}" for p, n in e["paths"]]
     if out:
         out = ["## Loads that do not add up", "",

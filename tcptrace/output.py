@@ -179,6 +179,26 @@ class Writer:
         raise NotImplementedError
 
 
+def own_table_path(*picks, when=None):
+    """Makes a tool's own table path (ToolSpec.table_batch) from a loop
+    fill(add, samples, percent, layout, careful, decode, ctx) that adds one
+    printf-formatted line per sample. picks are the column picks the loop
+    was made for (layout is the index of the one this table formats); any
+    other layout, -T/-t, or when(ctx) false, takes the writer's batch()."""
+    def wrap(fill):
+        def table_batch(writer, samples, decode, ctx):
+            if not writer.fast or writer.picked not in picks or (when is not None and not when(ctx)):
+                return writer.batch(samples, decode, ctx)
+            lines = []
+            fill(lines.append, samples, writer.percent, picks.index(writer.picked), writer.line, decode, ctx)
+            writer.stream.write("".join(lines))
+            writer.rows += len(lines)
+            return len(lines), 0
+        table_batch.__doc__ = fill.__doc__
+        return table_batch
+    return wrap
+
+
 class TableWriter(Writer):
     def _shows(self, col):
         return col.table and (self.wide or not col.wide_only) and (self.extended or not col.extended)

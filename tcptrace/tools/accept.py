@@ -1,7 +1,7 @@
 """tcptrace accept: passive TCP opens, with the listening process (bcc's
 tcpaccept, from the state tracepoint)."""
 
-from .. import net
+from .. import net, output
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
@@ -31,18 +31,47 @@ COLUMNS = (
 )
 
 
+_COMM, _ADDRESS, _VERSION = net.COMM, net.ADDRESS, net.IP_VERSION
+
+
 def decode(ev, ctx: DecodeContext):
     _ts, _skaddr, syn_recv_ns, pid, family, lport, rport, known, _unused, saddr, daddr, comm = ev
+    address = _ADDRESS[family]
     return (
         pid if known else None,
-        net.COMM[comm] if known else None,
-        net.IP_VERSION.get(family, family),
-        net.ADDRESS[family][saddr],
+        _COMM[comm] if known else None,
+        _VERSION[family],
+        address[saddr],
         lport,
-        net.ADDRESS[family][daddr],
+        address[daddr],
         rport,
         syn_recv_ns / 1e6,
     )
+
+
+# The positions of decode()'s row that the table shows: by default, and
+# under -w with the IP column.
+_TABLE = (0, 1, 3, 4, 5, 6, 7)
+_TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7)
+
+
+@output.own_table_path(_TABLE, _TABLE_WIDE)
+def table_batch(add, samples, percent, layout, careful, decode, ctx):
+    """decode() and the table's printf format in one loop, as states does
+    (tests/test_output.py holds it to decode() and TableWriter.batch); a
+    listener of unknown owner takes the writer's careful path."""
+    wide = layout == 1
+    for values in samples:
+        _ts, _skaddr, syn_recv_ns, pid, family, lport, rport, known, _unused, saddr, daddr, comm = values
+        if not known:
+            add(careful(_ts, decode(values, ctx)))
+            continue
+        address = _ADDRESS[family]
+        if wide:
+            add(percent % (pid, _COMM[comm], _VERSION[family], address[saddr], lport, address[daddr], rport,
+                           syn_recv_ns / 1e6))
+        else:
+            add(percent % (pid, _COMM[comm], address[saddr], lport, address[daddr], rport, syn_recv_ns / 1e6))
 
 
 SPEC = ToolSpec(
@@ -61,6 +90,7 @@ SPEC = ToolSpec(
     event=EVENT,
     columns=COLUMNS,
     decode=decode,
+    table_batch=table_batch,
     tracepoints=(
         STATE_CHANGES,
     ),

@@ -1,7 +1,7 @@
 """tcptrace life: one row per closed TCP session, as bcc's tcplife shows it,
 with byte counts read at offsets from the running kernel's BTF."""
 
-from .. import net
+from .. import net, output
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
@@ -106,16 +106,13 @@ _TABLE = (0, 1, 3, 4, 5, 6, 7, 8, 16)
 _TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
 
 
-def table_batch(writer, samples, decode, ctx):
+@output.own_table_path(_TABLE, _TABLE_WIDE, when=_counters_trusted)
+def table_batch(add, samples, percent, layout, careful, decode, ctx):
     """decode() and the table's printf format in one loop, as states does:
-    the per-event path of `tcptrace life` (tests/test_life.py holds it to
+    the per-event path of `tcptrace life` (tests/test_output.py holds it to
     decode() and TableWriter.batch). A session without an owner or byte
     counts takes the writer's careful path (its blanks print as "-")."""
-    if not writer.fast or writer.picked not in (_TABLE, _TABLE_WIDE) or not _counters_trusted(ctx):
-        return writer.batch(samples, decode, ctx)
-    percent, careful, wide = writer.percent, writer.line, writer.picked == _TABLE_WIDE
-    lines = []
-    add = lines.append
+    wide = layout == 1
     for values in samples:
         (_ts, span_ns, _connect_ns, tx, rx, pid, _retransmits, family, lport, rport,
          partial, bytes_known, _connect_known, _retrans_known, _closer, saddr, daddr, comm) = values
@@ -129,9 +126,6 @@ def table_batch(writer, samples, decode, ctx):
                            tx // 1024, rx // 1024, ms))
         else:
             add(percent % (pid, _COMM[comm], address[saddr], lport, address[daddr], rport, tx // 1024, rx // 1024, ms))
-    writer.stream.write("".join(lines))
-    writer.rows += len(lines)
-    return len(lines), 0
 
 
 SPEC = ToolSpec(

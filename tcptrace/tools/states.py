@@ -1,6 +1,6 @@
 """tcptrace states: every TCP state change, as bcc's tcpstates shows it."""
 
-from .. import net, tcpstate
+from .. import net, output, tcpstate
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
@@ -64,16 +64,13 @@ _TABLE = (0, 1, 2, 4, 5, 6, 7, 8, 10, 11)
 _TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11)
 
 
-def table_batch(writer, samples, decode, ctx):
+@output.own_table_path(_TABLE, _TABLE_WIDE)
+def table_batch(add, samples, percent, layout, careful, decode, ctx):
     """decode() and the table's printf format in one loop, without a row
     tuple, a column pick and a call per event in between: the per-event
-    path of `tcptrace states` (tests/test_states.py holds it to decode()
+    path of `tcptrace states` (tests/test_output.py holds it to decode()
     and TableWriter.batch). A blank MS takes the writer's careful path."""
-    if not writer.fast or writer.picked not in (_TABLE, _TABLE_WIDE):
-        return writer.batch(samples, decode, ctx)
-    percent, careful, wide = writer.percent, writer.line, writer.picked == _TABLE_WIDE
-    lines = []
-    add = lines.append
+    wide = layout == 1
     for values in samples:
         _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm = values
         if delta_ns == DELTA_UNKNOWN:
@@ -86,9 +83,6 @@ def table_batch(writer, samples, decode, ctx):
         else:
             add(percent % ("%x" % skaddr, pid, _COMM[comm], address[saddr], lport, address[daddr], rport,
                            _STATE[old], _STATE[new], delta_ns / 1e6))
-    writer.stream.write("".join(lines))
-    writer.rows += len(lines)
-    return len(lines), 0
 
 
 SPEC = ToolSpec(
