@@ -96,4 +96,3 @@ def test_time_columns():
     assert float(s1) == 0.0 and float(s2) == 2.0005
     table = render("table", [event(ts_ns=10**9)], show_timestamp=True).splitlines()
     assert table[0].startswith("TIME(s)   SKADDR") and table[1].startswith("0.000000  ffff")
-
