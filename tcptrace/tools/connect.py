@@ -4,7 +4,7 @@ tcpconnlat, from the state tracepoint)."""
 
 import errno
 
-from .. import net
+from .. import net, output
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
@@ -56,19 +56,44 @@ def result(failed, reset, error):
     return RESULTS.get(error) or errno.errorcode.get(error) or f"ERROR{error}"
 
 
+_COMM, _ADDRESS, _VERSION = net.COMM, net.ADDRESS, net.IP_VERSION
+
+
 def decode(ev, ctx: DecodeContext):
     _ts, _skaddr, lat_ns, pid, error, family, lport, rport, failed, reset, saddr, daddr, comm = ev
+    address = _ADDRESS[family]
     return (
         pid,
-        net.COMM[comm],
-        net.IP_VERSION.get(family, family),
-        net.ADDRESS[family][saddr],
+        _COMM[comm],
+        _VERSION[family],
+        address[saddr],
         lport,
-        net.ADDRESS[family][daddr],
+        address[daddr],
         rport,
         lat_ns / 1e6,
         result(failed, reset, error),
     )
+
+
+# The positions of decode()'s row that the table shows: by default, and
+# under -w with the IP column.
+_TABLE = (0, 1, 3, 4, 5, 6, 7, 8)
+_TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+
+
+@output.own_table_path(_TABLE, _TABLE_WIDE)
+def table_batch(add, samples, percent, layout, careful, decode, ctx):
+    """decode() and the table's printf format in one loop, as states does
+    (tests/test_output.py holds it to decode() and TableWriter.batch)."""
+    wide = layout == 1
+    for _ts, _skaddr, lat_ns, pid, error, family, lport, rport, failed, reset, saddr, daddr, comm in samples:
+        address = _ADDRESS[family]
+        outcome = result(failed, reset, error) if failed else "OK"
+        if wide:
+            add(percent % (pid, _COMM[comm], _VERSION[family], address[saddr], lport, address[daddr], rport,
+                           lat_ns / 1e6, outcome))
+        else:
+            add(percent % (pid, _COMM[comm], address[saddr], lport, address[daddr], rport, lat_ns / 1e6, outcome))
 
 
 SPEC = ToolSpec(
@@ -89,6 +114,7 @@ SPEC = ToolSpec(
     event=EVENT,
     columns=COLUMNS,
     decode=decode,
+    table_batch=table_batch,
     tracepoints=(
         STATE_CHANGES,
         Tracepoint("tcp:tcp_receive_reset", fields=("skaddr",), since="4.16", optional=True),
