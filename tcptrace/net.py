@@ -6,12 +6,21 @@ AF_INET = socket.AF_INET  # 2
 AF_INET6 = socket.AF_INET6  # 10
 
 
-class _Versions(dict):
-    def __missing__(self, family):
-        return family
+class Fallback(dict):
+    """A dict whose lookup of a missing key gives missing(key), not stored:
+    a decoder's per-event lookup stays one subscript in C."""
+
+    __slots__ = ("missing",)
+
+    def __init__(self, items, missing):
+        super().__init__(items)
+        self.missing = missing
+
+    def __missing__(self, key):
+        return self.missing(key)
 
 
-IP_VERSION = _Versions({AF_INET: 4, AF_INET6: 6})  # IP_VERSION[family]: 4, 6, or the family number
+IP_VERSION = Fallback({AF_INET: 4, AF_INET6: 6}, lambda family: family)  # 4, 6, or the family number
 
 _ntop = socket.inet_ntop
 
@@ -46,16 +55,11 @@ def _converter(family, length):
     return convert
 
 
-class _Families(dict):
-    """ADDRESS[family]: the address cache of a family; one that is neither
-    IPv4 nor IPv6 gives "?" for any address."""
-
-    def __missing__(self, family):
-        return _UNKNOWN
-
-
 _UNKNOWN = _Cache(lambda raw: "?")
-ADDRESS = _Families({AF_INET: _Cache(_converter(AF_INET, 4)), AF_INET6: _Cache(_converter(AF_INET6, 16))})
+# ADDRESS[family]: the address cache of a family; one that is neither IPv4
+# nor IPv6 gives "?" for any address.
+ADDRESS = Fallback({AF_INET: _Cache(_converter(AF_INET, 4)), AF_INET6: _Cache(_converter(AF_INET6, 16))},
+                   lambda family: _UNKNOWN)
 COMM = _Cache(lambda raw: raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
 
 

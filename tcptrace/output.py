@@ -171,6 +171,13 @@ class Writer:
         samples decode() could not make sense of)."""
         return each_row(samples, decode, ctx, self.row)
 
+    def write_lines(self, lines, malformed=0):
+        """The end of a batch path: its lines in one write; returns what
+        batch() returns."""
+        self.stream.write("".join(lines))
+        self.rows += len(lines)
+        return len(lines), malformed
+
     def flush(self):
         self.stream.flush()
 
@@ -191,9 +198,7 @@ def own_table_path(*picks, when=None):
                 return writer.batch(samples, decode, ctx)
             lines = []
             fill(lines.append, samples, writer.percent, picks.index(writer.picked), writer.line, decode, ctx)
-            writer.stream.write("".join(lines))
-            writer.rows += len(lines)
-            return len(lines), 0
+            return writer.write_lines(lines)
         table_batch.__doc__ = fill.__doc__
         return table_batch
     return wrap
@@ -283,9 +288,7 @@ class TableWriter(Writer):
                 add(percent % picked)
             except (ValueError, TypeError, OverflowError):
                 add(careful(ts, row))
-        self.stream.write("".join(lines))
-        self.rows += len(lines)
-        return len(lines), rows.malformed
+        return self.write_lines(lines, rows.malformed)
 
     def summary(self, columns, rows, title=None):
         from tabulate import tabulate
@@ -350,6 +353,9 @@ class JsonWriter(Writer):
         host = self.dumps(socket.gethostname())
         tool = f',"tool":{self.dumps(self.tool)}' if self.tool else ""
         self.head = Stamps(f'"host":{host}{tool},"schema":{SCHEMA_VERSION}').head
+        # The batch path's column picker (without -T/-t: their values are not in the row).
+        plain = not (self.show_time or self.show_timestamp) and len(self.index) > 1
+        self.pick = operator.itemgetter(*self.index) if plain else None
 
     def _line(self, ts_ns, keys, vals):
         body = self.dumps(dict(zip(keys, vals)))
@@ -364,17 +370,15 @@ class JsonWriter(Writer):
     def batch(self, samples, decode, ctx):
         """The per-event path: decode, pick and encode each row, one write
         for the batch."""
-        if self.show_time or self.show_timestamp or len(self.index) < 2:
+        if self.pick is None:
             return super().batch(samples, decode, ctx)
-        head, dumps, keys, pick = self.head, self.dumps, self.keys, operator.itemgetter(*self.index)
+        head, dumps, keys, pick = self.head, self.dumps, self.keys, self.pick
         lines = []
         add = lines.append
         rows = Decoded(samples, decode, ctx)
         for ts, row in rows:
             add(head(ts) + dumps(dict(zip(keys, pick(row))))[1:] + "\n")
-        self.stream.write("".join(lines))
-        self.rows += len(lines)
-        return len(lines), rows.malformed
+        return self.write_lines(lines, rows.malformed)
 
     def summary(self, columns, rows, title=None):
         keys = [c.key for c in columns]

@@ -824,7 +824,7 @@ class Session:
                 silence_stdout()
                 # The batch being written, and rows written since the last
                 # flush: some may have reached the output, maybe none.
-                self.abandoned = self.stream.in_flight + self.stream.rows - self.flushed_rows
+                self.abandoned = self.stream.handed - self.flushed_rows
             self._count_unprinted(stopper.stopped_ns or ended_ns or time.monotonic_ns())
             self.read_stats()
             return self.final_report(stopper)

@@ -51,7 +51,7 @@ class EventStream:
         self.pending = []
         self.pending_values = []
         self.rows = 0
-        self.in_flight = 0  # samples of the batch being written, if a write is cut short
+        self.handed = 0  # rows plus the samples of the batch being written, if a write is cut short
         self.short = 0  # samples shorter than the event: counted, never decoded
         self.malformed = 0  # samples decode() could not make sense of
 
@@ -81,10 +81,10 @@ class EventStream:
             # The common case (a ring buffer read in place, no --max-events):
             # the writer takes the batch, each row written as it is decoded.
             batch, self.pending_values = self.pending_values, []
-            self.in_flight = len(batch)
+            self.handed = self.rows + len(batch)
             written, malformed = self.write_batch(batch, decode, ctx)
-            self.in_flight = 0
             self.rows += written
+            self.handed = self.rows
             self.malformed += malformed
             return False
         batch, self.pending = self.pending, []
@@ -101,12 +101,11 @@ class EventStream:
         if not self.ordered:
             rows.sort(key=lambda r: r[0])
         write, limit = self.write, self.max_events
-        self.in_flight = len(rows)
+        self.handed = self.rows + len(rows)
         for ts, row in rows:
             write(ts, row)
             self.rows += 1
-            self.in_flight -= 1
             if limit and self.rows >= limit:
-                self.in_flight = 0
-                return True
-        return False
+                break
+        self.handed = self.rows
+        return bool(limit) and self.rows >= limit

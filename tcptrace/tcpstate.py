@@ -3,6 +3,8 @@
 The numbers are the kernel's (include/net/tcp_states.h), unchanged since 2.6.
 """
 
+from .net import Fallback
+
 ESTABLISHED = 1
 SYN_SENT = 2
 SYN_RECV = 3
@@ -34,14 +36,9 @@ NAMES = {
 _BY_NAME = {name: number for number, name in NAMES.items()}
 
 
-class _Names(dict):
-    def __missing__(self, state):
-        return str(state)
-
-
 # NAME[state]: the state's name, or the number as text for one the kernel
 # may add later (a subscript: the decoders' per-event form of name()).
-NAME = _Names(NAMES)
+NAME = Fallback(NAMES, str)
 
 
 def name(state):
