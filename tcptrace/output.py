@@ -7,6 +7,7 @@ interval without paying a write() per row.
 """
 
 import csv
+import functools
 import json
 import math
 import operator
@@ -202,6 +203,14 @@ def own_table_path(*picks, when=None):
         table_batch.__doc__ = fill.__doc__
         return table_batch
     return wrap
+
+
+def batch_for(spec, writer):
+    """The per-batch path a run writes events with: the tool's own table
+    path for a table, else the writer's batch()."""
+    if spec.table_batch is not None and isinstance(writer, TableWriter):
+        return functools.partial(spec.table_batch, writer)
+    return writer.batch
 
 
 class TableWriter(Writer):

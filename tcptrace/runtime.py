@@ -8,7 +8,6 @@ detaches. Every bcc failure becomes one of our error types here.
 
 import contextlib
 import ctypes
-import functools
 import importlib
 import json
 import os
@@ -626,11 +625,9 @@ class Session:
 
     def _write_batch(self):
         """The writer's batch path, or the tool's own for its table."""
-        from .output import TableWriter
+        from .output import batch_for
 
-        if self.spec.table_batch is not None and isinstance(self.writer, TableWriter):
-            return functools.partial(self.spec.table_batch, self.writer)
-        return self.writer.batch
+        return batch_for(self.spec, self.writer)
 
     def _open_buffer(self):
         from .stream import EventStream

@@ -85,6 +85,41 @@ class Counter:
 
 
 @dataclass(frozen=True)
+class Option:
+    """An option of one tool, declared without click (the command layer
+    makes the click option from it). Its value reaches the tool's
+    configure() under `dest`, never the C source as text."""
+
+    dest: str  # the keyword of the value
+    flags: tuple  # ("--reason",) or ("-b", "--by")
+    help: str
+    metavar: str = ""
+    choices: tuple = ()  # a fixed set of words, checked by click
+    flag: bool = False  # a switch without a value
+    multiple: bool = False  # repeatable: the value is a tuple
+    default: object = None
+
+
+class BadOption(ValueError):
+    """A value of a tool's own option that the running kernel makes
+    invalid (an unknown reason name): a usage error, exit 2, raised by
+    configure() before anything is loaded."""
+
+    def __init__(self, flag, message):
+        super().__init__(message)
+        self.flag = flag
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a tool's own options become in the kernel: integer #defines and
+    entries of its maps (map name -> [(key bytes, value bytes)])."""
+
+    defines: dict = field(default_factory=dict)
+    maps: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ToolSpec:
     name: str
     summary: str  # one line for the command list
@@ -100,6 +135,12 @@ class ToolSpec:
     counter: Optional[Counter] = None
     notes: str = ""  # extra --help text (what needs a kprobe, caveats)
     always_time: bool = False  # a TIME column without -T (bcc's tcpretrans always has one)
+    # The tool's own options (Option), beside the shared names in `options`,
+    # and what their values become: configure(values, symbols) -> Settings,
+    # where values maps each Option.dest to its value and symbols is the
+    # running kernel's "tracepoint.field" -> {number: name} tables.
+    own_options: tuple = ()
+    configure: Optional[Callable] = None
     # A tool's own per-event path for its streaming table: (TableWriter,
     # samples, decode, ctx) -> (rows written, malformed), what decode() and
     # the writer's batch() make, in one loop without the row in between;
