@@ -11,16 +11,48 @@ program only as validated integers through `define()`, never as text.
 import re
 from importlib import resources
 
-from .errors import KernelTooOldError
+from .errors import BuildError, KernelTooOldError
 from .layout import Layout
 
 COMMON_HEADER = "tcptrace.h"
 _IDENT = re.compile(r"^[A-Z][A-Z0-9_]*$")
-_INCLUDE = re.compile(r'^#include\s+"tcptrace\.h"\s*$', re.M)
+_INCLUDE = re.compile(r"^[ \t]*#[ \t]*include\b(.*)$", re.M)
+_OUR_HEADER = re.compile(r'^\s*"(tcptrace\.h|[A-Za-z0-9_]+\.bpf\.h)"\s*$')
 
 
 def bpf_source(name):
     return resources.files("tcptrace").joinpath("bpf", name).read_text()
+
+
+def expand_includes(text, what, seen=None):
+    """`text` with each `#include "tcptrace.h"` or `"<name>.bpf.h"` line
+    replaced by that header from the package's bpf/ directory, expanded
+    the same way; a header already expanded becomes nothing.
+
+    Headers are pasted rather than found by the compiler (-I): the program
+    text alone is the cache key of the compiled program and what --ebpf
+    prints, so it has to hold every line that is compiled. No other
+    include is allowed: programs are built without kernel headers.
+    """
+    seen = set() if seen is None else seen
+
+    def paste(match):
+        name = _OUR_HEADER.match(match.group(1))
+        if not name:
+            raise BuildError(f"{what} includes {match.group(1).strip()}: tcptrace programs include only "
+                             f"their own headers (\"{COMMON_HEADER}\", \"<name>.bpf.h\")")
+        header = name.group(1)
+        if header in seen:
+            return ""
+        seen.add(header)
+        try:
+            body = bpf_source(header)
+        except (FileNotFoundError, OSError):
+            raise BuildError(f"{what} includes \"{header}\", which is not among tcptrace's BPF headers; "
+                             f"reinstall tcptrace") from None
+        return expand_includes(body, header, seen).rstrip("\n")
+
+    return _INCLUDE.sub(paste, text)
 
 
 def _scalar(size, signed):
@@ -146,11 +178,10 @@ def program(spec, formats, defines, release=""):
         fmt = formats[name]
         parts.append(has_macros(fmt))
         parts.append(tp_struct(fmt))
-    tool = bpf_source(spec.bpf)
-    if not _INCLUDE.search(tool):
+    seen = set()
+    parts.append(expand_includes(bpf_source(spec.bpf), spec.bpf, seen))
+    if COMMON_HEADER not in seen:
         raise ValueError(f"{spec.bpf} must include \"{COMMON_HEADER}\"")
-    common = bpf_source(COMMON_HEADER)
-    parts.append(_INCLUDE.sub(lambda _m: common, tool, count=1))
     return "\n".join(parts) + "\n"
 
 

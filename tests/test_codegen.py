@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tcptrace import codegen, layout, runtime, tracefs
-from tcptrace.errors import KernelTooOldError
+from tcptrace.errors import BuildError, KernelTooOldError
 from tcptrace.spec import Tracepoint
 from tcptrace.tools import states
 
@@ -101,3 +101,82 @@ def test_plan_defines_from_options():
 def test_program_has_no_kernel_includes():
     plan = runtime.plan(states.SPEC, runtime.RunOptions(), source("6.18"), release="6.18")
     assert "#include" not in plan.text
+
+
+# -- shared headers: pasted into the program text, each once -------------------------
+
+HEADERS = ("tcptrace.h", "counting.bpf.h", "addresses.bpf.h", "owners.bpf.h", "lifecycle.bpf.h")
+
+
+def fake_sources(monkeypatch, files):
+    real = codegen.bpf_source
+    monkeypatch.setattr(codegen, "bpf_source", lambda name: files[name] if name in files else real(name))
+
+
+def test_includes_expand_recursively_and_once(monkeypatch):
+    fake_sources(monkeypatch, {
+        "a.bpf.h": '#include "b.bpf.h"\nint a;\n',
+        "b.bpf.h": '#include "a.bpf.h"\nint b;\n',
+    })
+    text = codegen.expand_includes('#include "a.bpf.h"\n#include "b.bpf.h"\n  #  include "a.bpf.h"\nint tool;\n',
+                                   "tool.bpf.c")
+    assert text.split() == ["int", "b;", "int", "a;", "int", "tool;"]
+
+
+@pytest.mark.parametrize("line,named", [
+    ('#include "nowhere.bpf.h"', '"nowhere.bpf.h"'),
+    ("#include <linux/tcp.h>", "<linux/tcp.h>"),
+    ('#include "../tcptrace.h"', '"../tcptrace.h"'),
+    ('#include "states.bpf.c"', '"states.bpf.c"'),
+])
+def test_an_include_that_is_not_ours_is_an_error_naming_it(line, named):
+    with pytest.raises(BuildError) as caught:
+        codegen.expand_includes(f"int x;\n{line}\n", "tool.bpf.c")
+    assert named in str(caught.value) and "tool.bpf.c" in str(caught.value)
+
+
+def test_a_missing_nested_header_names_the_header_that_includes_it(monkeypatch):
+    fake_sources(monkeypatch, {"a.bpf.h": '#include "gone.bpf.h"\n'})
+    with pytest.raises(BuildError, match=r'a\.bpf\.h includes "gone\.bpf\.h"'):
+        codegen.expand_includes('#include "a.bpf.h"\n', "tool.bpf.c")
+
+
+@pytest.mark.parametrize("tool", ["states", "accept", "connect", "life", "resets", "retrans"])
+def test_every_program_holds_each_shared_header_once(tool):
+    from tcptrace.tools import TOOLS
+
+    spec = TOOLS[tool]
+    text = runtime.plan(spec, runtime.RunOptions(count=True, pids=(1,)), source("6.18"), release="6.18").text
+    assert "#include" not in text
+    for header in HEADERS[:4]:
+        opening = codegen.bpf_source(header).split("\n", 2)[1]  # " * <name>: what it holds"
+        assert text.count(opening) == 1, (tool, header)
+    lifecycle = codegen.bpf_source("lifecycle.bpf.h").split("\n", 2)[1]
+    assert text.count(lifecycle) == (1 if tool in ("connect", "life") else 0)
+
+
+def test_the_exporter_shares_the_lifecycle_of_life_and_connect():
+    from tcptrace import exporter
+
+    text = runtime.plan(exporter.SPEC, exporter.run_options(), source("6.18"), release="6.18").text
+    assert text.count(codegen.bpf_source("lifecycle.bpf.h").split("\n", 2)[1]) == 1
+    body = codegen.bpf_source(exporter.SPEC.bpf)
+    for helper in ("session_begins(", "connect_begins(", "handshake_ends(", "connect_failed("):
+        assert helper in body, helper
+
+
+@pytest.mark.parametrize("tool", ["resets", "retrans"])
+def test_counts_that_cannot_be_stored_are_lost_not_dropped(tool):
+    """-c counts through count_event(), which counts a key the map cannot
+    store as a lost event; the map's size is a setting."""
+    from tcptrace.tools import TOOLS
+
+    opts = runtime.RunOptions(count=True, extra={"TCPTRACE_MAX_COUNTS": 4})
+    text = runtime.plan(TOOLS[tool], opts, source("6.18"), release="6.18").text
+    assert "#define TCPTRACE_MAX_COUNTS 4" in text
+    assert "BPF_HASH(counts, key_type, u64, TCPTRACE_MAX_COUNTS)" in text
+    assert ".atomic_increment(" not in text
+    assert "count_event(&key);" in codegen.bpf_source(TOOLS[tool].bpf)
+    helper = text[text.index("void count_event("):]
+    helper = helper[: helper.index("\n}\n")]
+    assert "stat_inc(STAT_LOST_OUTPUT)" in helper

@@ -5,8 +5,7 @@
  * Tracepoint: sock:inet_sock_set_state (Linux 4.16+). A listener's child
  * socket appears with LISTEN->SYN_RECV and is established with
  * SYN_RECV->ESTABLISHED, both in softirq context: the process is the one
- * that put the listener in LISTEN (tcptrace.h's owner tracking hands it to
- * the child), not the task on the CPU.
+ * that put the listener in LISTEN (owners.bpf.h hands it to the child), not the task on the CPU.
  *
  * Since Linux 4.4 a SYN only creates a request socket (NEW_SYN_RECV), which
  * no state tracepoint reports; the child socket is created when the
@@ -71,21 +70,12 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	if (!family_ok(args->family) || !ports_ok(args->sport, args->dport))
 		return 0;
 	struct owner *o = owner_of(skaddr);
-#ifdef FILTER_PIDS
-	if (!o || !pid_ok(o->pid))
+	if (!owner_ok(o))
 		return 0;
-#endif
-	if (o) {
-		ev.pid = o->pid;
-		ev.owner_known = 1;
-		__builtin_memcpy(ev.comm, o->comm, sizeof(ev.comm));
-	}
+	ev.owner_known = copy_owner(o, &ev.pid, ev.comm);
 	ev.ts_ns = now;
 	ev.skaddr = skaddr;
-	ev.family = args->family;
-	ev.lport = args->sport;
-	ev.rport = args->dport;
-	COPY_ADDRS(&ev, args);
+	FILL_ENDPOINTS(&ev, args);
 	emit(args, &ev, sizeof(ev));
 	return 0;
 }

@@ -21,6 +21,7 @@
  * process and start are unknown.
  */
 #include "tcptrace.h"
+#include "lifecycle.bpf.h"
 
 struct event {
 	u64 ts_ns;
@@ -58,7 +59,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	s32 newstate = args->newstate;
 	u64 now = bpf_ktime_get_ns();
 
-	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
+	if (connect_begins(oldstate, newstate)) {
 		struct attempt a = {};
 		a.pid = current_pid();
 		if (!pid_ok(a.pid))
@@ -68,8 +69,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		attempts.update(&skaddr, &a);
 		return 0;
 	}
-	/* A simultaneous open passes through SYN_RECV: keep waiting. */
-	if (newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
+	if (!handshake_ends(newstate))
 		return 0;
 
 	struct attempt *a = attempts.lookup(&skaddr);
@@ -86,7 +86,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 
 	if (!ports_ok(args->sport, args->dport))
 		return 0;
-	if (newstate == TCP_CLOSE) {
+	if (connect_failed(newstate)) {
 		ev.failed = 1;
 		ev.error = sock_error(skaddr); /* SOCK_ERROR_UNKNOWN without BTF */
 	}
@@ -94,10 +94,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	if (!ev.failed)
 		return 0;
 #endif
-	ev.family = args->family;
-	ev.lport = args->sport;
-	ev.rport = args->dport;
-	COPY_ADDRS(&ev, args);
+	FILL_ENDPOINTS(&ev, args);
 	emit(args, &ev, sizeof(ev));
 	return 0;
 }

@@ -15,15 +15,14 @@
  * once on one CPU, so plain increments are safe.
  *
  * The semantics are those of the tools that show the same things one event
- * at a time:
- * - A session (life.bpf.c) is born at CLOSE->SYN_SENT (connect) or
- *   LISTEN->SYN_RECV (a listener's child) and observed when it changes to
- *   CLOSE: its lifespan, and its bytes from struct tcp_sock at offsets from
- *   BTF (tcp_bytes(): bytes_acked includes our SYN and FIN). A session born
- *   before the exporter started is not observed; listeners are not sessions.
- * - A connect (connect.bpf.c) ends at SYN_SENT->ESTABLISHED (ok) or at
- *   ->CLOSE during the handshake: refused when a reset arrived meanwhile,
- *   else the socket's sk_err says how (sock_error()).
+ * at a time, decided by the same code (lifecycle.bpf.h):
+ * - A session (life.bpf.c) is observed when it changes to CLOSE: its
+ *   lifespan, and its bytes from struct tcp_sock at offsets from BTF
+ *   (tcp_bytes(): bytes_acked includes our SYN and FIN). A session born
+ *   before the exporter started is not observed.
+ * - A connect (connect.bpf.c) ends ok at ->ESTABLISHED, or failed at ->CLOSE:
+ *   refused when a reset arrived meanwhile, else the socket's sk_err says
+ *   how (sock_error()).
  * - Retransmits (retrans.bpf.c) that the kernel failed to send (err != 0,
  *   6.18 reports them) are left out; the state is the tracepoint's.
  * - Resets sent are counted by the kernel's reason (tcp_send_reset.reason,
@@ -36,6 +35,7 @@
  */
 #define TCPTRACE_NO_EVENTS 1
 #include "tcptrace.h"
+#include "lifecycle.bpf.h"
 
 /* Slots of the arrays in struct metrics, which user space reads by the
  * same numbers (tcptrace/exporter.py):
@@ -203,24 +203,22 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	}
 #endif
 
-	if ((oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) ||
-	    (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV)) {
+	if (session_begins(oldstate, newstate)) {
 		struct conn fresh = {};
 		fresh.birth_ns = bpf_ktime_get_ns();
-		fresh.connecting = newstate == TCP_SYN_SENT;
+		fresh.connecting = connect_begins(oldstate, newstate);
 		if (conns.update(&sk, &fresh) != 0)
 			stat_inc(STAT_UNTRACKED);
 		return 0;
 	}
-	/* A simultaneous open passes through SYN_RECV: still connecting. */
-	if (newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
+	if (!handshake_ends(newstate))
 		return 0;
 	struct conn *c = conns.lookup(&sk);
 	if (!c)
 		return 0;
 	if (c->connecting) {
 		c->connecting = 0;
-		if (counted && newstate == TCP_ESTABLISHED)
+		if (counted && !connect_failed(newstate))
 			m->connects_ok++;
 		else if (counted)
 			count_failed_connect(m, c, sk);

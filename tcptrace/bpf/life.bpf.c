@@ -20,7 +20,7 @@
  * a TIME_WAIT mini-socket (and changes to CLOSE) as soon as its own FIN is
  * acknowledged, so the side that closes first may miss the peer's FIN.
  *
- * The process is the socket's owner (tcptrace.h's owner tracking), not the
+ * The process is the socket's owner (owners.bpf.h), not the
  * task on the CPU: most changes to CLOSE happen in softirq context.
  *
  * Listeners (CLOSE->LISTEN->CLOSE) are not sessions. A socket first seen in
@@ -32,6 +32,7 @@
  */
 #define TCPTRACE_OWNERS 1
 #include "tcptrace.h"
+#include "lifecycle.bpf.h"
 
 #define CLOSER_UNKNOWN 0
 #define CLOSER_LOCAL 1  /* we sent the first FIN, aborted, or gave up */
@@ -72,11 +73,6 @@ struct session {
 
 BPF_HASH(sessions, u64, struct session, TCPTRACE_MAX_SOCKETS);
 
-static __always_inline int in_handshake(s32 state)
-{
-	return state == TCP_SYN_SENT || state == TCP_SYN_RECV;
-}
-
 /*
  * Who closed first, from the first sign of it. The old state matters for
  * sessions first seen half-closed: FIN_WAIT2->CLOSE means our FIN went first.
@@ -109,21 +105,15 @@ static __always_inline void report(struct tp_inet_sock_set_state *args, u64 sk, 
 	if (!ports_ok(args->sport, args->dport))
 		return;
 	struct owner *o = owner_of(sk);
-	if (!pid_ok(o ? o->pid : 0))
+	if (!owner_ok(o))
 		return;
 
 	struct event ev = {};
 	ev.ts_ns = now;
 	ev.span_ns = now - s->birth_ns;
 	ev.partial = s->partial;
-	if (o) {
-		ev.pid = o->pid;
-		__builtin_memcpy(ev.comm, o->comm, sizeof(ev.comm));
-	}
-	ev.family = args->family;
-	ev.lport = args->sport;
-	ev.rport = args->dport;
-	COPY_ADDRS(&ev, args);
+	copy_owner(o, &ev.pid, ev.comm);
+	FILL_ENDPOINTS(&ev, args);
 	read_bytes(sk, &ev);
 #ifdef TCPTRACE_EXTENDED
 	ev.connect_ns = s->connect_ns;
@@ -149,7 +139,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 
 	track_owner(sk, oldstate, newstate, args->sport);
 
-	if (newstate == TCP_LISTEN || (oldstate == TCP_LISTEN && newstate == TCP_CLOSE)) {
+	if (listener_change(oldstate, newstate)) {
 		sessions.delete(&sk);
 		if (newstate == TCP_CLOSE)
 			forget_owner(sk);
@@ -159,7 +149,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	/* A birth starts afresh even if an entry is there: one left by a
 	 * socket whose end was missed must not lend its age to a new socket
 	 * at the same address. */
-	int birth = oldstate == TCP_CLOSE || oldstate == TCP_LISTEN;
+	int birth = session_begins(oldstate, newstate);
 	struct session s = {};
 	struct session *known = birth ? 0 : sessions.lookup(&sk);
 	if (known)

@@ -24,9 +24,11 @@
  * and the socket has already dropped its owner: both are kept here past
  * CLOSE, in an LRU hash, so the row shows the state the socket left and who
  * owned it.
+ *
+ * Under -c, a reset whose key the count map cannot store is counted as lost
+ * (count_event() in counting.bpf.h), never dropped in silence.
  */
 #define TCPTRACE_OWNERS 1
-#include "tcptrace.h"
 
 #define DIR_SENT 0
 #define DIR_RECV 1
@@ -60,9 +62,9 @@ struct count_key {
 	s32 reason;
 };
 
-#ifdef TCPTRACE_COUNT
-COUNT_MAP(struct count_key);
-#endif
+/* Before the shared code, which keys the count map with it. */
+#define COUNT_KEY struct count_key
+#include "tcptrace.h"
 
 /* What the state changes told about a socket. */
 struct sock_seen {
@@ -72,45 +74,6 @@ struct sock_seen {
 };
 
 BPF_TABLE("lru_hash", u64, struct sock_seen, seen, TCPTRACE_MAX_SOCKETS);
-
-/*
- * Kernels whose tcp tracepoints lack `family` (5.10 and older) store an IPv4
- * socket's addresses v4-mapped (::ffff:a.b.c.d) in the IPv6 copies. Those
- * are read with a helper: plain copies from the record next to the byte
- * tests below let the compiler address the record through a derived
- * pointer, which the verifier refuses for a tracepoint's context.
- */
-static __always_inline void unmap_v4(struct event *ev)
-{
-	u8 *a = ev->saddr, *b = ev->daddr;
-	int mapped = a[10] == 0xff && a[11] == 0xff;
-
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		mapped = mapped && a[i] == 0;
-	if (!mapped) {
-		ev->family = AF_INET6;
-		return;
-	}
-	ev->family = AF_INET;
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		a[i] = a[12 + i];
-		b[i] = b[12 + i];
-	}
-#pragma unroll
-	for (int i = 4; i < 16; i++) {
-		a[i] = 0;
-		b[i] = 0;
-	}
-}
-
-#define COPY_MAPPED_ADDRS(ev, args)                                            \
-	do {                                                                   \
-		read_kernel((ev)->saddr, 16, (args)->saddr_v6);                \
-		read_kernel((ev)->daddr, 16, (args)->daddr_v6);                \
-		unmap_v4(ev);                                                  \
-	} while (0)
 
 int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
@@ -159,24 +122,17 @@ static __always_inline int deliver(void *ctx, struct event *ev)
 
 	if (aborting) {
 		ev->state = s->before;
-		if (!o && s->closed_owner.known)
+		if (!o && owner_known(&s->closed_owner))
 			o = &s->closed_owner;
 	} else if (ev->dir == DIR_RECV || ev->state == STATE_FROM_SEEN) {
 		ev->state = s && !closed ? s->state : 0;
 	}
-	if (o) {
-		ev->pid = o->pid;
-		ev->owner_known = 1;
-		__builtin_memcpy(ev->comm, o->comm, sizeof(ev->comm));
-	}
-#ifdef FILTER_PIDS
-	if (!o || !pid_ok(o->pid))
+	ev->owner_known = copy_owner(o, &ev->pid, ev->comm);
+	if (!owner_ok(o))
 		return 0;
-#endif
 
 #ifdef TCPTRACE_COUNT
 	struct count_key key = {};
-	u64 zero = 0;
 
 	__builtin_memcpy(key.saddr, ev->saddr, 16);
 	__builtin_memcpy(key.daddr, ev->daddr, 16);
@@ -185,11 +141,7 @@ static __always_inline int deliver(void *ctx, struct event *ev)
 	key.rport = ev->rport;
 	key.dir = ev->dir;
 	key.reason = ev->reason;
-	u64 *count = counts.lookup_or_try_init(&key, &zero);
-	if (count)
-		__sync_fetch_and_add(count, 1);
-	else
-		stat_inc(STAT_LOST_OUTPUT);
+	count_event(&key);
 #else
 	emit(ctx, ev, sizeof(*ev));
 #endif
@@ -215,23 +167,13 @@ int on_tcp_send_reset(struct tp_tcp_send_reset *args)
 #endif
 
 #if HAS_TCP_SEND_RESET_SADDR == 28
-	__builtin_memcpy(&ev.family, args->saddr, sizeof(ev.family));
-	ev.lport = ((u16)args->saddr[2] << 8) | args->saddr[3];
-	ev.rport = ((u16)args->daddr[2] << 8) | args->daddr[3];
-	if (ev.family == AF_INET6) {
-		__builtin_memcpy(ev.saddr, &args->saddr[8], 16);
-		__builtin_memcpy(ev.daddr, &args->daddr[8], 16);
-	} else {
-		__builtin_memcpy(ev.saddr, &args->saddr[4], 4);
-		__builtin_memcpy(ev.daddr, &args->daddr[4], 4);
-	}
+	COPY_SOCKADDRS(&ev, args);
 #elif defined(HAS_TCP_SEND_RESET_SPORT) && defined(HAS_TCP_SEND_RESET_SADDR_V6)
+#ifdef HAS_TCP_SEND_RESET_FAMILY
+	FILL_ENDPOINTS(&ev, args);
+#else
 	ev.lport = args->sport;
 	ev.rport = args->dport;
-#ifdef HAS_TCP_SEND_RESET_FAMILY
-	ev.family = args->family;
-	COPY_ADDRS(&ev, args);
-#else
 	COPY_MAPPED_ADDRS(&ev, args);
 #endif
 #else
@@ -248,12 +190,11 @@ int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
 	ev.skaddr = args->skaddr;
 	ev.dir = DIR_RECV;
 	ev.reason = REASON_NONE;
+#ifdef HAS_TCP_RECEIVE_RESET_FAMILY
+	FILL_ENDPOINTS(&ev, args);
+#else
 	ev.lport = args->sport;
 	ev.rport = args->dport;
-#ifdef HAS_TCP_RECEIVE_RESET_FAMILY
-	ev.family = args->family;
-	COPY_ADDRS(&ev, args);
-#else
 	COPY_MAPPED_ADDRS(&ev, args);
 #endif
 	return deliver(args, &ev);

@@ -11,7 +11,7 @@
  * The PID is the socket's owner, not the task on the CPU: retransmits fire
  * from timers and ACK processing in softirq context, on behalf of whatever
  * task was interrupted. The owner comes from the shared tracking in
- * tcptrace.h; when it is unknown the event says so, and user space may still
+ * owners.bpf.h; when it is unknown the event says so, and user space may still
  * find the owner in /proc. A SYN-ACK belongs to a request, not to a socket of
  * its own: its owner is the listener socket's or, for a listener opened before
  * tracing (seeded by user space from /proc), the one listening on its port.
@@ -23,9 +23,11 @@
  * - `state` (4.19 lacks it, 5.4 has it): the state is then unknown.
  * - `family` (5.10 lacks it, 5.15 has it): derived from the IPv6 copy of the
  *   addresses, which holds an IPv4-mapped address for an IPv4 connection.
+ *
+ * Under -c, a retransmit whose key the count map cannot store is counted
+ * as lost (count_event() in counting.bpf.h), never dropped in silence.
  */
 #define TCPTRACE_OWNERS 1
-#include "tcptrace.h"
 
 #define TYPE_RETRANS 1
 #define TYPE_SYNACK 2
@@ -50,7 +52,6 @@ struct event {
 	char comm[16];
 };
 
-#ifdef TCPTRACE_COUNT
 struct count_key {
 	u8 saddr[16];
 	u8 daddr[16];
@@ -60,56 +61,22 @@ struct count_key {
 	u16 type;
 };
 
-COUNT_MAP(struct count_key);
-#endif
+/* Before the shared code, which keys the count map with it. */
+#define COUNT_KEY struct count_key
+#include "tcptrace.h"
 
 #if defined(FILTER_FAILED) && defined(HAVE_TCP_RETRANSMIT_SKB) && !defined(HAS_TCP_RETRANSMIT_SKB_ERR)
 #error "--failed needs the err field of tcp:tcp_retransmit_skb, which this kernel does not have"
 #endif
 
-/*
- * A record without `family` (before 5.15): the IPv6 copies of the addresses
- * hold ::ffff:a.b.c.d for an IPv4 connection. They are copied into the event
- * first and examined there: examined in place, the compiler kept a pointer
- * into the record for the copy that followed, and the verifier refuses a
- * load through a context pointer that was moved.
- */
-static __always_inline u16 unmap_v4(u8 *saddr, u8 *daddr)
-{
-	u8 zeros = 0;
-
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		zeros |= daddr[i];
-	if (zeros != 0 || daddr[10] != 0xff || daddr[11] != 0xff)
-		return AF_INET6;
-	__builtin_memcpy(saddr, saddr + 12, 4);
-	__builtin_memset(saddr + 4, 0, 12);
-	__builtin_memcpy(daddr, daddr + 12, 4);
-	__builtin_memset(daddr + 4, 0, 12);
-	return AF_INET;
-}
-
-#define ADDRS_FROM_V6_COPIES(ev, args)                                         \
-	do {                                                                   \
-		__builtin_memcpy((ev)->saddr, (args)->saddr_v6, 16);           \
-		__builtin_memcpy((ev)->daddr, (args)->daddr_v6, 16);           \
-		(ev)->family = unmap_v4((ev)->saddr, (ev)->daddr);             \
-	} while (0)
-
 /* Fills the owner in; 0 when -p is given and this owner is not one of its
- * PIDs (an unknown owner never matches). */
+ * PIDs. */
 static __always_inline int take_owner(struct event *ev, struct owner *o)
 {
-#ifdef FILTER_PIDS
-	if (!o || !pid_ok(o->pid))
+	if (!owner_ok(o))
 		return 0;
-#endif
-	if (o && o->known) {
-		ev->pid = o->pid;
-		__builtin_memcpy(ev->comm, o->comm, sizeof(ev->comm));
+	if (copy_owner(o, &ev->pid, ev->comm))
 		ev->flags |= F_OWNER;
-	}
 	return 1;
 }
 
@@ -124,7 +91,7 @@ static __always_inline void report(void *ctx, struct event *ev)
 	key.lport = ev->lport;
 	key.rport = ev->rport;
 	key.type = ev->type;
-	counts.atomic_increment(key);
+	count_event(&key);
 #else
 	ev->ts_ns = bpf_ktime_get_ns();
 	emit(ctx, ev, sizeof(*ev));
@@ -151,7 +118,7 @@ int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 	ev.family = args->family;
 	COPY_ADDRS(&ev, args);
 #else
-	ADDRS_FROM_V6_COPIES(&ev, args);
+	COPY_MAPPED_ADDRS(&ev, args);
 #endif
 	if (!family_ok(ev.family) || !ports_ok(args->sport, args->dport))
 		return 0;
@@ -183,7 +150,7 @@ int on_tcp_retransmit_synack(struct tp_tcp_retransmit_synack *args)
 	ev.family = args->family;
 	COPY_ADDRS(&ev, args);
 #else
-	ADDRS_FROM_V6_COPIES(&ev, args);
+	COPY_MAPPED_ADDRS(&ev, args);
 #endif
 	if (!family_ok(ev.family) || !ports_ok(lport, args->dport))
 		return 0;

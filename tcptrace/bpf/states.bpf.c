@@ -71,10 +71,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	ev.pid = current_pid();
 	ev.oldstate = oldstate;
 	ev.newstate = newstate;
-	ev.family = args->family;
-	ev.lport = args->sport;
-	ev.rport = args->dport;
-	COPY_ADDRS(&ev, args);
+	FILL_ENDPOINTS(&ev, args);
 	bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	emit(args, &ev, sizeof(ev));
 	return 0;
