@@ -46,6 +46,32 @@ def tcptrace_cmd(*args):
     return [sys.executable, "-m", "tcptrace", *args]
 
 
+def read_until(stream, done, what, timeout=READY_TIMEOUT):
+    """Lines of a process's text `stream`, read until done(lines) holds;
+    fails naming `what` if the stream ends or `timeout` passes first.
+    The rest stays in the stream (communicate() reads it later)."""
+    lines = []
+    finished = threading.Event()
+
+    def read():
+        for line in stream:
+            lines.append(line)
+            if done(lines):
+                finished.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not finished.wait(timeout):
+        raise AssertionError(f"gave up waiting for {what} after {timeout} s: {''.join(lines)!r}")
+    return lines
+
+
+def ready(proc, timeout=READY_TIMEOUT):
+    """Wait for a --verbose tracer's ready line on its stderr (a pipe); the
+    stderr read so far."""
+    return "".join(read_until(proc.stderr, lambda lines: "ready in" in lines[-1], "tcptrace to attach", timeout))
+
+
 class Tracer:
     """tcptrace in a subprocess: started, awaited until attached, stopped
     with a signal, its stdout and stderr kept."""

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, Tracer, free_port, must_run, session, tcptrace_cmd
+from helpers import ROOT, Tracer, free_port, must_run, read_until, ready, session, tcptrace_cmd
 from tcptrace import errors
 
 PY = sys.executable
@@ -119,10 +119,10 @@ def test_signals_end_cleanly_and_detach(bpf, sig, report):
 def test_closed_pipe_true(bpf, report):
     """`tcptrace states | true`: the reader is gone before the first row."""
     cport = free_port()
-    proc = subprocess.Popen(" ".join(tcptrace_cmd("states", "-L", str(cport), "--duration", "15"))
+    proc = subprocess.Popen(" ".join(tcptrace_cmd("states", "-L", str(cport), "--duration", "15", "--verbose"))
                             + " | true; echo status=${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    ready(proc)
     session("127.0.0.1", free_port(), cport)
     out, err = proc.communicate(timeout=30)
     assert "status=0" in out and "Traceback" not in err
@@ -257,6 +257,10 @@ def test_beside_a_stock_bcc_tool(bpf, report, tmp_path):
             pytest.fail(f"must run in CI but cannot: {why}")
         pytest.skip(why)
     sport, cport = free_port(), free_port()
+
+    def mine(lines):
+        return [line for line in lines if "->" in line and str(cport) in line.split()]
+
     stock = subprocess.Popen([tool, "-L", str(cport)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=dict(os.environ, BCC_KERNEL_SOURCE=str(headers), PYTHONUNBUFFERED="1"))
     try:
@@ -266,14 +270,15 @@ def test_beside_a_stock_bcc_tool(bpf, report, tmp_path):
             for _ in range(5):
                 session("127.0.0.1", sport, cport)
             ours.stop()
-        time.sleep(0.5)
+        seen = read_until(stock.stdout, lambda lines: len(mine(lines)) >= 25, "25 rows from bcc's tcpstates", 30)
         stock.send_signal(signal.SIGINT)
         out, err = stock.communicate(timeout=30)
+        out = "".join(seen) + out
     finally:
         if stock.poll() is None:
             stock.kill()
             stock.wait()
-    theirs = [line for line in out.splitlines() if "->" in line and str(cport) in line.split()]
+    theirs = mine(out.splitlines())
     assert len(ours.json_rows()) == 25, ours.stderr
     assert len(theirs) == 25, out + err
     report("Faults", "beside bcc's own tcpstates, 5 sessions", "25 rows each: both see every change")
@@ -283,9 +288,9 @@ def test_full_disk_stdout(bpf, report):
     """stdout on a full device (/dev/full): a clear failure, no traceback."""
     cport = free_port()
     with open("/dev/full", "w") as full:
-        proc = subprocess.Popen(tcptrace_cmd("states", "-L", str(cport), "--duration", "10"), cwd=ROOT,
-                                stdout=full, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
+        proc = subprocess.Popen(tcptrace_cmd("states", "-L", str(cport), "--duration", "10", "--verbose"),
+                                cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+        ready(proc)
         session("127.0.0.1", free_port(), cport)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == errors.EXIT_FAILURE, err

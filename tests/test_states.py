@@ -3,6 +3,7 @@
 import io
 import socket
 
+from events import make_event
 from helpers import unwrap
 from tcptrace import output
 from tcptrace.spec import DecodeContext
@@ -19,8 +20,7 @@ def event(**kw):
                 oldstate=2, newstate=1, family=2, lport=63446, rport=80, saddr=V4, daddr=V4R,
                 comm=b"curl".ljust(16, b"\0"))
     base.update(kw)
-    raw = states.EVENT.struct.pack(*(base[n] for n in states.EVENT.names))
-    return states.EVENT.struct.unpack(raw)
+    return make_event(states.SPEC, **base)
 
 
 def render(kind, events, **kw):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, Tracer, free_port, session, tcptrace_cmd
+from helpers import ROOT, Tracer, free_port, ready, session, tcptrace_cmd
 
 CLIENT_FIRST = {
     "client": ["CLOSE>SYN_SENT", "SYN_SENT>ESTABLISHED", "ESTABLISHED>FIN_WAIT1",
@@ -110,13 +110,11 @@ def test_closed_pipe_ends_quietly(bpf):
     """`tcptrace states | head -1`: status 0 and no traceback."""
     sport, cport = free_port(), free_port()
     proc = subprocess.Popen(
-        " ".join(tcptrace_cmd("states", "-L", str(cport), "--duration", "20")) + " | head -1",
+        " ".join(tcptrace_cmd("states", "-L", str(cport), "--duration", "20", "--verbose")) + " | head -1",
         shell=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         executable="/bin/bash",
     )
-    import time
-
-    time.sleep(3)
+    ready(proc)
     session("127.0.0.1", sport, cport)
     session("127.0.0.1", free_port(), cport)
     out, err = proc.communicate(timeout=30)
@@ -174,7 +172,7 @@ def test_filtered_out_change_still_times_the_next(bpf):
 
     port = 47123
     script = f"""
-import socket, subprocess, sys, time
+import json, signal, socket, subprocess
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 open("/proc/sys/net/ipv4/ip_local_port_range", "w").write("{port} {port}")
 tracer = subprocess.Popen({tcptrace_cmd("states", "-o", "json", "-L", str(port), "--verbose")!r},
@@ -185,9 +183,18 @@ srv = socket.create_server(("127.0.0.1", 5000))
 c = socket.create_connection(srv.getsockname())
 a, _ = srv.accept()
 c.close(); a.close(); srv.close()
-time.sleep(0.5)
+# Until the client's last change (to CLOSE, from FIN_WAIT2) is out; an alarm
+# ends a wait that would never end.
+signal.alarm(60)
+seen = []
+for line in tracer.stdout:
+    seen.append(line)
+    row = json.loads(line)
+    if row["lport"] == {port} and row["newstate"] == "CLOSE":
+        break
+signal.alarm(0)
 tracer.send_signal(2)
-print(tracer.communicate(timeout=30)[0])
+print("".join(seen) + tracer.communicate(timeout=30)[0])
 """
     result = subprocess.run(["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)

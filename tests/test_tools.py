@@ -2,15 +2,22 @@
 struct matches its Python layout, its program generates for the saved
 kernels' formats, its decoder survives any sample, its help has examples."""
 
+import csv
+import io
+import json
 import os
 import random
 import re
+import shutil
+import subprocess
 
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
-from tcptrace import codegen, layout, runtime, tracefs
+from events import make_event
+from helpers import must_run
+from tcptrace import codegen, exporter, layout, output, runtime, tracefs
 from tcptrace.cli import cli
 from tcptrace.errors import KernelTooOldError
 from tcptrace.spec import DecodeContext
@@ -26,17 +33,75 @@ def fake_btf(struct_name, members):
     return {m: (1000 + 8 * i, 8) for i, m in enumerate(sorted(members))}
 
 
+def _shared_structs():
+    """(id, .bpf.c file, C struct name, Layout, is a map key) for every struct
+    both sides declare: each tool's event and count key, and the exporter's."""
+    out = []
+    for spec in SPECS:
+        out.append((f"{spec.name}.event", spec.bpf, "event", spec.event, False))
+        if spec.counter:
+            out.append((f"{spec.name}.count_key", spec.bpf, "count_key", spec.counter.key, True))
+    out += [
+        ("exporter.metrics", exporter.SPEC.bpf, "metrics", exporter.COUNTERS, False),
+        ("exporter.remote_key", exporter.SPEC.bpf, "remote_key", exporter.REMOTE_KEY, True),
+        ("exporter.remote_counts", exporter.SPEC.bpf, "remote_counts", exporter.REMOTE_COUNTS, False),
+    ]
+    return out
+
+
+SHARED = _shared_structs()
+
+
+@pytest.mark.parametrize("bpf,struct_name,py_layout,is_key", [s[1:] for s in SHARED], ids=[s[0] for s in SHARED])
+def test_struct_in_sync(bpf, struct_name, py_layout, is_key):
+    """The C struct and the Python layout: the same fields in the same order,
+    each of the same type, so at the same offset, and the same size."""
+    c_layout = layout.Layout(layout.parse_c_struct(codegen.bpf_source(bpf), struct_name))
+    assert c_layout.describe() == py_layout.describe()
+    assert c_layout.size == py_layout.size
+    if is_key:
+        # The kernel hashes every byte of a key, padding included, and
+        # padding is whatever the stack held: one flow would count apart.
+        assert py_layout.size == sum(_field_size(t) for _n, t in py_layout.fields), py_layout.describe()
+
+
+def _field_size(ftype):
+    base, _, count = ftype.partition("[")
+    size = 1 if base == "char" else layout.SCALARS[base][0]
+    return size * int(count.rstrip("]") or 1)
+
+
+def test_layout_offsets_are_a_c_compilers():
+    """Layout computes C's natural alignment itself; a C compiler (the BPF
+    target lays these types out as x86-64 and arm64 do) holds it to that."""
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        if must_run():
+            pytest.fail("no C compiler (cc) to check struct offsets against")
+        pytest.skip("no C compiler (cc) to check struct offsets against")
+    lines = ["#include <stddef.h>", "_Static_assert(_Alignof(unsigned long long) == 8, \"u64 aligned as in BPF\");"]
+    lines += [f"typedef {c} {t};" for t, c in (("u8", "unsigned char"), ("u16", "unsigned short"),
+                                                ("u32", "unsigned int"), ("u64", "unsigned long long"),
+                                                ("s8", "signed char"), ("s16", "short"), ("s32", "int"),
+                                                ("s64", "long long"))]
+    for i, (name, _bpf, _struct, py_layout, _key) in enumerate(SHARED):
+        tag = f"s{i}"
+        members = []
+        for field, ftype in py_layout.fields:
+            base, _, count = ftype.partition("[")
+            members.append(f"{base} {field}{'[' + count if count else ''};")
+        lines.append(f"struct {tag} {{ {' '.join(members)} }};")
+        for field, _ftype, offset in py_layout.describe():
+            lines.append(f'_Static_assert(offsetof(struct {tag}, {field}) == {offset}, "{name}.{field} at {offset}");')
+        lines.append(f'_Static_assert(sizeof(struct {tag}) == {py_layout.size}, "{name} of {py_layout.size} bytes");')
+    result = subprocess.run([compiler, "-fsyntax-only", "-std=c11", "-x", "c", "-"], input="\n".join(lines) + "\n",
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
-def test_event_struct_in_sync(spec):
-    source = codegen.bpf_source(spec.bpf)
-    assert layout.parse_c_struct(source, "event") == spec.event.fields
+def test_event_starts_with_its_time(spec):
     assert spec.event.fields[0] == ("ts_ns", "u64"), "the runtime orders and times events by the first field"
-
-
-@pytest.mark.parametrize("spec", [s for s in SPECS if s.counter], ids=[s.name for s in SPECS if s.counter])
-def test_count_key_in_sync(spec):
-    source = codegen.bpf_source(spec.bpf)
-    assert layout.parse_c_struct(source, "count_key") == spec.counter.key.fields
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -83,25 +148,75 @@ def test_decode_never_raises(spec, data):
         assert len(row) == len(spec.columns)
 
 
+def _records(kind, text):
+    """How many records a reader of that format finds in the text."""
+    if kind == "csv":
+        return len(list(csv.reader(io.StringIO(text, newline=""))))
+    if kind == "json":
+        decoder, at, found = json.JSONDecoder(), 0, 0
+        while at < len(text):
+            _obj, at = decoder.raw_decode(text, at)
+            assert text[at] == "\n", "one object per line"
+            at, found = at + 1, found + 1
+        return found
+    return text.count("\n")
+
+
+def _write(spec, kind, samples):
+    """The text `kind` makes of the rows decode() makes; and how many rows."""
+    stream = io.StringIO(newline="")
+    w = output.writer(kind, stream, spec.columns, show_time=True, show_timestamp=True, wide=True,
+                      extended=True)
+    w.header()
+    written = 0
+    for values in samples:
+        row = spec.decode(values, _ctx(spec))
+        if row is not None:
+            w.row(values[0], row)
+            written += 1
+    return stream.getvalue(), written
+
+
+def _line_break_in_comm(spec, values):
+    if "comm" not in spec.event.names:
+        return False
+    name = values[spec.event.names.index("comm")].split(b"\0")[0]
+    return b"\n" in name or b"\r" in name
+
+
+@pytest.mark.parametrize("kind", output.FORMATS)
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
-def test_decoded_rows_format_in_every_output(spec):
-    import io
-
-    from tcptrace import output
-
+def test_decoded_rows_format_in_every_output(spec, kind):
+    """Random samples: each row decode() makes is written as exactly one
+    record (and the table and CSV header as one more). A name with a line
+    break is left to test_line_break_in_comm_stays_in_its_row."""
     rng = random.Random(7)
-    for kind in output.FORMATS:
-        stream = io.StringIO()
-        w = output.writer(kind, stream, spec.columns, show_time=True, show_timestamp=True, wide=True,
-                          extended=True)
-        w.header()
-        for _ in range(50):
-            raw = bytes(rng.randrange(256) for _ in range(spec.event.size))
-            values = spec.event.struct.unpack(raw)
-            row = spec.decode(values, _ctx(spec))
-            if row is not None:
-                w.row(values[0], row)
-        assert stream.getvalue()
+    samples = [spec.event.struct.unpack(bytes(rng.randrange(256) for _ in range(spec.event.size)))
+               for _ in range(50)]
+    samples = [v for v in samples if not _line_break_in_comm(spec, v)]
+    text, written = _write(spec, kind, samples)
+    assert written > 0, "no random sample decoded: nothing was checked"
+    assert _records(kind, text) == written + (kind != "json")
+
+
+# A task name may hold any byte but NUL (prctl PR_SET_NAME): today a "\n"
+# in COMM reaches the table raw, and a "\r" reaches CSV unquoted (its line
+# terminator is "\n" alone), so one row reads as two. strict: once fixed
+# these pass, and the mark must go.
+@pytest.mark.xfail(strict=True, reason="a line break in COMM splits the row")
+@pytest.mark.parametrize("spec,kind", [
+    pytest.param(spec, kind, id=f"{spec.name}-{kind}")
+    for spec in SPECS if "comm" in spec.event.names
+    for kind in ("table", "csv")
+    if kind == "csv" or any(c.key == "comm" and c.table for c in spec.columns)
+])
+def test_line_break_in_comm_stays_in_its_row(spec, kind):
+    fields = dict(ts_ns=10**9, family=2, pid=1234, comm=b"a\nb" if kind == "table" else b"a\rb")
+    # A tool shows COMM only for an owner it knows: claim every one is.
+    fields.update({name: 0xFF for name in spec.event.names if name.endswith(("_known", "flags"))})
+    text, written = _write(spec, kind, [make_event(spec, **fields)])
+    assert written == 1
+    assert _records(kind, text) == 2, text
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
