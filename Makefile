@@ -18,7 +18,7 @@ KERNEL_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static
 KERNEL_VENV ?= build/kernel-venv
 VIRTME_NG ?= virtme-ng==1.42
 
-.PHONY: run test test-unit test-kernel bench soak reliability deps test-deps venv clean
+.PHONY: run test test-unit test-kernel bench soak reliability docs deps test-deps venv clean
 
 run: deps
 	$(VENV)/bin/tcptrace states $(ARGS)
@@ -41,12 +41,17 @@ bench: test-deps
 soak: test-deps
 	$(VENV)/bin/python bench/soak.py $(ARGS)
 
-# The README's reliability tables: what the failure tests tried and what happened.
+# docs/reliability.md's tables: what the failure tests tried and what happened.
 reliability: test-deps
 	@mkdir -p bench/results
 	TCPTRACE_REPORT=bench/results/reliability.md $(VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_cli.py tests/test_faults.py tests/test_overload.py
-	@cat bench/results/reliability.md
+	$(VENV)/bin/python scripts/gendocs.py --section reliability --from bench/results/reliability.md \
+		docs/reliability.md
+
+# The generated sections of docs/ (JSON keys, metrics, kernels), from the code.
+docs: venv
+	$(VENV)/bin/python scripts/gendocs.py
 
 deps:
 	@PACKAGES="$(RUN_PACKAGES)" sh scripts/apt-ensure.sh

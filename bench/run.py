@@ -30,7 +30,8 @@ a stock tool starts and removed as soon as it is attached. tcplife's byte
 columns are then garbage (wrong struct offsets): rows are counted, bytes not.
 
 The report (markdown) goes to stdout and to bench/results/<date>.md, with
-the raw numbers in a .json beside it.
+the raw numbers in a .json beside it; a full run (not --quick) also
+rewrites the generated section of docs/performance.md with it.
 """
 
 import argparse
@@ -59,6 +60,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LOADGEN = HERE / "loadgen.py"
 RESULTS = HERE / "results"
+PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"
+PERFORMANCE_SECTION = "bench"
 
 # Rows each connection of the load makes in a tool of this kind (connect
 # and accept: the client's handshake and the server's).
@@ -941,10 +944,29 @@ def main(argv=None):
                                for t in order}},
                   f, indent=1, default=str)
     say(f"report written to {stem}.md (raw numbers in {stem}.json)")
+    if not args.quick:  # a short development run is not what the page should quote
+        update_docs(report)
+        say(f"{PERFORMANCE_PAGE.relative_to(ROOT)} rewritten")
     return 0
 
 
 # -- the report ----------------------------------------------------------------
+
+
+def docs_section(report, depth=2):
+    """The report as the body of a page's section: its headings moved
+    `depth` levels down, below the page's own."""
+    return "\n".join("#" * depth + line if line.startswith("#") else line
+                     for line in report.strip("\n").split("\n"))
+
+
+def update_docs(report, page=PERFORMANCE_PAGE, name=PERFORMANCE_SECTION):
+    """Put the report into the page's generated section; the hand-written
+    rest of the page is kept. True when the page changed."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gendocs
+
+    return gendocs.write_section(page, name, docs_section(report))
 
 
 def median(values):
