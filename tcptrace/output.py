@@ -6,9 +6,13 @@ the runtime flushes once per poll batch, so a pipe sees them within one poll
 interval without paying a write() per row.
 """
 
+import ast
+import builtins
+import collections
 import csv
-import functools
+import inspect
 import json
+import keyword
 import math
 import operator
 import os
@@ -17,13 +21,14 @@ import socket
 import sys
 import time
 
+from . import net, tcpstate
 from .spec import Column
 from .stream import Decoded, each_row
 
 FORMATS = ("table", "csv", "json")
 
-TIME_COLUMN = Column("time", "TIME", 8)
-TIMESTAMP_COLUMN = Column("timestamp", "TIME(s)", 9, ".6f")
+TIME_COLUMN = Column("time", "TIME", 8, value="_clock.time()")
+TIMESTAMP_COLUMN = Column("timestamp", "TIME(s)", 9, ".6f", value="_clock.since_first(_values[0])")
 
 
 def _cell(col, width, value):
@@ -187,29 +192,202 @@ class Writer:
         raise NotImplementedError
 
 
-def own_table_path(*picks, when=None):
-    """Makes a tool's own table path (ToolSpec.table_batch) from a loop
-    fill(add, samples, percent, layout, careful, decode, ctx) that adds one
-    printf-formatted line per sample. picks are the column picks the loop
-    was made for (layout is the index of the one this table formats); any
-    other layout, -T/-t, or when(ctx) false, takes the writer's batch()."""
-    def wrap(fill):
-        def table_batch(writer, samples, decode, ctx):
-            if not writer.fast or writer.picked not in picks or (when is not None and not when(ctx)):
-                return writer.batch(samples, decode, ctx)
-            lines = []
-            fill(lines.append, samples, writer.percent, picks.index(writer.picked), writer.line, decode, ctx)
-            return writer.write_lines(lines)
-        table_batch.__doc__ = fill.__doc__
-        return table_batch
-    return wrap
+class NoFastPath(Exception):
+    """Why a table layout has no derived per-event path (one sentence)."""
+
+
+# What a column's value expression may name besides the event's fields, ctx
+# and its tool module's names: the conversions every tool shares, each a
+# dict whose lookup is one subscript in C.
+VALUE_NAMES = {"ADDRESS": net.ADDRESS, "COMM": net.COMM, "IP_VERSION": net.IP_VERSION, "STATE": tcpstate.NAME}
+
+# Inside the derived loop: the event's values tuple and the writer's clock.
+_LOOP_NAMES = {"_values", "_clock"}
+
+
+class DerivedTable:
+    """A tool's per-event table path, generated from its column
+    declarations for one layout (as dataclasses generate __init__): one
+    loop that unpacks each event, evaluates the shown columns' values and
+    printf-formats the line, without decode()'s row, a column pick and a
+    call per event in between. An event with a blank (None) or an odd
+    value takes the careful path: decode() and the writer's line(), so
+    what it writes is exactly what decode() and writer.batch() write.
+    `source` is the generated code; `careful` counts the events that took
+    the careful path."""
+
+    def __init__(self, writer, fill, source):
+        self.writer, self.fill, self.source = writer, fill, source
+        self.careful = 0
+
+    def __call__(self, samples, decode, ctx):
+        lines = []
+        done = self.fill(samples, decode, ctx, lines.append, self.writer.line)
+        if done is None:  # a per-batch value failed for this ctx: decode() decides each event
+            return self.writer.batch(samples, decode, ctx)
+        malformed, careful = done
+        self.careful += careful
+        return self.writer.write_lines(lines, malformed)
+
+
+def _names(tree):
+    loaded, bound = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+    return loaded - bound
+
+
+class _HoistCtxCalls(ast.NodeTransformer):
+    """f(ctx) -> a local computed once per batch: ctx lives for the run."""
+
+    def __init__(self, hoisted):
+        self.hoisted = hoisted  # source -> local name
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if (len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Name)
+                and node.args[0].id == "ctx"):
+            text = ast.unparse(node)
+            name = self.hoisted.setdefault(text, f"_batch{len(self.hoisted)}")
+            return ast.copy_location(ast.Name(name, ast.Load()), node)
+        return node
+
+
+_SHARED = (ast.Subscript, ast.Call, ast.BoolOp)
+
+
+def _shareable(node):
+    """A lookup, call or test of names and constants (ADDRESS[family],
+    parse(family, hdr), known and trusted): a column value is a pure
+    function of the event, so such a part is the same in every column of
+    one event. Evaluating it where a column would not is harmless: a
+    failure only sends the event down the careful path."""
+    if isinstance(node, (ast.Name, ast.Constant)):
+        return True
+    if isinstance(node, ast.Subscript):
+        return _shareable(node.value) and isinstance(node.slice, (ast.Name, ast.Constant))
+    if isinstance(node, ast.BoolOp):
+        return all(isinstance(v, (ast.Name, ast.Constant)) for v in node.values)
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords
+            and all(isinstance(a, (ast.Name, ast.Constant)) for a in node.args))
+
+
+class _Share(ast.NodeTransformer):
+    """A part that several columns of an event compute -> one local."""
+
+    def __init__(self, shared):
+        self.shared = shared  # source -> local name
+
+    def visit(self, node):
+        name = self.shared.get(ast.unparse(node)) if isinstance(node, _SHARED) else None
+        if name:
+            return ast.copy_location(ast.Name(name, ast.Load()), node)
+        return self.generic_visit(node)
+
+
+def derive_table(spec, writer):
+    """The derived per-event path of spec's table in writer's layout.
+    Raises NoFastPath, saying why, when the layout cannot have one.
+
+    The generated source is made of the tool's own declarations (field
+    names checked as identifiers, column expressions parsed as Python);
+    no option value or other user input is ever part of it."""
+    if writer.percent is None:
+        col = next(c for c, w in zip(writer.all_columns, writer.widths)
+                   if c.constant is None and _percent(c, w) is None)
+        raise NoFastPath(f"column {col.key}'s format {col.spec!r} has no printf equivalent")
+    fields = list(spec.event.names)
+    bad = [f for f in fields if not f.isidentifier() or keyword.iskeyword(f) or f.startswith("_") or f == "ctx"]
+    if bad:
+        raise NoFastPath(f"event field {bad[0]!r} cannot be a local name of the generated loop")
+    # The tool module's names: those its decode() sees (through a wrapper
+    # made with functools.wraps too).
+    module = getattr(inspect.unwrap(spec.decode), "__globals__", {})
+    namespace = {**VALUE_NAMES, **module, "_clock": writer.clock}
+    known = set(fields) | set(namespace) | set(dir(builtins)) | _LOOP_NAMES | {"ctx"}
+    hoisted = {}
+    hoist = _HoistCtxCalls(hoisted)
+    values, checked, free, trees = [], [], set(), []
+    for col in writer.all_columns:
+        if col.constant is not None:
+            continue  # its text is in the format
+        if not col.value:
+            raise NoFastPath(f"column {col.key} declares no value (Column.value)")
+        try:
+            tree = ast.parse(col.value, mode="eval")
+        except SyntaxError as e:
+            raise NoFastPath(f"column {col.key}'s value is not a Python expression: {e.msg}") from None
+        unknown = sorted(_names(tree) - known)
+        if unknown:
+            raise NoFastPath(f"column {col.key}'s value names {unknown[0]}, neither an event field nor a known name")
+        free |= _names(tree)
+        trees.append((col, hoist.visit(tree)))
+    parts = collections.Counter(ast.unparse(node) for _col, tree in trees for node in ast.walk(tree)
+                                if isinstance(node, _SHARED) and _shareable(node))
+    shared, share = {}, _Share({})
+    for text in sorted((t for t, n in parts.items() if n > 1), key=len):  # inner parts first
+        name = f"_same{len(shared)}"
+        shared[ast.unparse(share.visit(ast.parse(text, mode="eval")))] = name
+        share.shared[text] = name
+    for col, tree in trees:
+        text = ast.unparse(share.visit(tree))
+        if col.nullable and (col.spec or "s") == "s":
+            # A blank would print as "None" under %s (a numeric conversion
+            # of None raises instead): such a column is looked at first.
+            name = f"_text{len(checked)}"
+            checked.append((name, text))
+            text = name
+        values.append(text)
+    fast = [f"_add(_percent % ({', '.join(values)},))", "continue"]
+    if checked:
+        fast = [f"if {' and '.join(f'{name} is not None' for name, _ in checked)}:", *("    " + s for s in fast)]
+    fast = ["            " + s for s in fast]
+    # The names the loop reads become keyword defaults: local variables,
+    # the cheapest lookup Python has.
+    bound = sorted((free - set(fields) - {"ctx", "_values"}) & set(namespace)) + ["_percent"]
+    src = [f"def fill(_samples, _decode, ctx, _add, _careful, *, {', '.join(f'{n}={n}' for n in bound)}):"]
+    if hoisted:
+        src += ["    try:"]
+        src += [f"        {name} = {text}" for text, name in hoisted.items()]
+        src += ["    except Exception:", "        return None"]
+    src += [
+        "    _malformed = _slow = 0",
+        "    for _values in _samples:",
+        f"        {', '.join(fields)}, = _values",
+        "        try:",
+        *(f"            {name} = {text}" for text, name in shared.items()),
+        *(f"            {name} = {text}" for name, text in checked),
+        *fast,
+        "        except Exception:",
+        "            pass",
+        "        _slow += 1",
+        "        try:",
+        "            _row = _decode(_values, ctx)",
+        "        except Exception:",
+        "            _malformed += 1",
+        "            continue",
+        "        if _row is not None:",
+        "            _add(_careful(_values[0], _row))",
+        "    return _malformed, _slow",
+    ]
+    source = "\n".join(src) + "\n"
+    namespace["_percent"] = writer.percent
+    exec(compile(source, f"<tcptrace {spec.name} table>", "exec"), namespace)
+    return DerivedTable(writer, namespace["fill"], source)
 
 
 def batch_for(spec, writer):
-    """The per-batch path a run writes events with: the tool's own table
-    path for a table, else the writer's batch()."""
-    if spec.table_batch is not None and isinstance(writer, TableWriter):
-        return functools.partial(spec.table_batch, writer)
+    """The per-batch path a run writes events with: for a table, the path
+    derived from the tool's column declarations when its layout has one,
+    else the writer's batch()."""
+    if isinstance(writer, TableWriter):
+        try:
+            return derive_table(spec, writer)
+        except NoFastPath:
+            pass
     return writer.batch
 
 

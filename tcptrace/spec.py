@@ -34,6 +34,15 @@ class Column:
     type: str = ""
     nullable: bool = False  # JSON null when the value is unknown
     constant: Optional[str] = None  # the same text on every row (states' "->"): set in the table's format
+    # How the table's per-event path gets the value straight from the event,
+    # without decode()'s row: a Python expression over the event's field
+    # names, `ctx` (the DecodeContext), the shared conversions ADDRESS,
+    # COMM, IP_VERSION and STATE, and the tool module's own names. It must
+    # give what decode() puts in this column; where decode() gives a blank
+    # (None), the row takes the careful path. A call whose only argument is
+    # ctx is made once per batch. Every column a table shows declares one,
+    # or that table has no fast path (tcptrace/output.py derives it).
+    value: str = ""
 
     @property
     def json_type(self):
@@ -98,6 +107,9 @@ class Option:
     flag: bool = False  # a switch without a value
     multiple: bool = False  # repeatable: the value is a tuple
     default: object = None
+    parse: Optional[Callable] = None  # text -> value; a ValueError is a usage error
+    range: tuple = ()  # (lowest, highest) of an integer value
+    goes_with: str = ""  # the dest of a shared option it needs ("count"): a usage error without it
 
 
 class BadOption(ValueError):
@@ -141,11 +153,6 @@ class ToolSpec:
     # running kernel's "tracepoint.field" -> {number: name} tables.
     own_options: tuple = ()
     configure: Optional[Callable] = None
-    # A tool's own per-event path for its streaming table: (TableWriter,
-    # samples, decode, ctx) -> (rows written, malformed), what decode() and
-    # the writer's batch() make, in one loop without the row in between;
-    # it hands back to writer.batch() for a layout it was not made for.
-    table_batch: Optional[Callable] = None
 
     def table_columns(self, wide=False, extended=False):
         return [
@@ -178,10 +185,10 @@ STATE_CHANGES = Tracepoint(
 
 # The endpoint columns most tools show, with bcc's widths: 15 characters, 39
 # under -w for IPv6, where the IP column appears too.
-IP_COLUMN = Column("family", "IP", 2, "d", wide_only=True)
+IP_COLUMN = Column("family", "IP", 2, "d", wide_only=True, value="IP_VERSION[family]")
 ENDPOINT_COLUMNS = (
-    Column("laddr", "LADDR", 15, wide=39),
-    Column("lport", "LPORT", 5, "d"),
-    Column("raddr", "RADDR", 15, wide=39),
-    Column("rport", "RPORT", 5, "d"),
+    Column("laddr", "LADDR", 15, wide=39, value="ADDRESS[family][saddr]"),
+    Column("lport", "LPORT", 5, "d", value="lport"),
+    Column("raddr", "RADDR", 15, wide=39, value="ADDRESS[family][daddr]"),
+    Column("rport", "RPORT", 5, "d", value="rport"),
 )

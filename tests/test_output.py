@@ -2,11 +2,15 @@
 exactly what row-by-row writing does, for every tool and option, blanks
 and odd values included."""
 
+import functools
 import io
+import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from events import make_event
 from tcptrace import layout, output
 from tcptrace.spec import DecodeContext
 from tcptrace.tools import TOOLS
@@ -131,9 +135,43 @@ def test_blank_text_prints_a_dash_not_none():
     assert written == 1 and "None" not in text and " - " in text
 
 
-# -- a tool's own table path (ToolSpec.table_batch) ------------------------------
+# -- the table path derived from the column declarations -------------------------
 
-OWN = [s for s in SPECS if s.table_batch]
+# Tools whose table has no derived path, and the reason derive_table gives.
+# A tool that is not listed must have one in every layout.
+NO_DERIVED_PATH = {
+    "drops": "column pid declares no value",
+    "resets": "column pid declares no value",
+    "retrans": "column pid declares no value",
+}
+LAYOUTS = [{}, {"wide": True}, {"extended": True}, {"wide": True, "extended": True}, {"show_time": True},
+           {"show_timestamp": True}]
+LAYOUT_IDS = ["default", "wide", "x", "wide,x", "T", "t"]
+DERIVED = [s for s in SPECS if s.name not in NO_DERIVED_PATH]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+@pytest.mark.parametrize("options", LAYOUTS, ids=LAYOUT_IDS)
+def test_a_run_takes_the_derived_table_path(spec, options):
+    """What a run asks for (batch_for) is the derived path, so a column
+    declared without a value cannot make a table silently slower."""
+    w = output.writer("table", io.StringIO(), spec.columns, **options)
+    path = output.batch_for(spec, w)
+    if spec.name in NO_DERIVED_PATH:
+        with pytest.raises(output.NoFastPath, match=NO_DERIVED_PATH[spec.name]):
+            output.derive_table(spec, w)
+        assert path == w.batch
+    else:
+        assert isinstance(path, output.DerivedTable) and path.writer is w
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+@pytest.mark.parametrize("kind", ["csv", "json"])
+def test_csv_and_json_take_their_writers_batch(spec, kind):
+    w = output.writer(kind, io.StringIO(), spec.columns, tool=spec.name)
+    assert output.batch_for(spec, w) == w.batch
+
+
 SCALAR = {"u8": 8, "u16": 16, "u32": 32, "u64": 64}
 
 
@@ -146,7 +184,7 @@ def field_values(name, ftype):
     if base == "s32":
         return st.integers(-3, 15)
     bits = SCALAR[base]
-    return st.one_of(st.just(0), st.just(2**bits - 1), st.integers(0, 2**bits - 1))
+    return st.one_of(st.just(0), st.just(1), st.just(2**bits - 1), st.integers(0, 2**bits - 1))
 
 
 def events_of(spec):
@@ -158,33 +196,104 @@ def events_of(spec):
 CONTEXTS = [DecodeContext(), DecodeContext(btf={"tcp_sock.bytes_acked": (1, 4)})]  # counters of the wrong size
 
 
-@pytest.mark.parametrize("spec", OWN, ids=[s.name for s in OWN])
-@pytest.mark.parametrize("options", [{}, {"wide": True}, {"extended": True}, {"show_time": True}],
-                         ids=["default", "wide", "x", "T"])
-@settings(max_examples=60, deadline=None)
-@given(data=st.data())
-def test_own_table_path_writes_what_decode_and_the_writer_write(spec, options, data):
-    """Event for event, a tool's own table path writes what decode() and
-    the writer's batch write; where it was not made for the layout it hands
-    over to the writer."""
-    events = data.draw(events_of(spec))
-    ctx = data.draw(st.sampled_from(CONTEXTS))
+def both_paths(spec, options, events, ctx, decode=None):
+    """(text, counts, rows) of the derived path, then of decode() and the writer."""
     written = []
-    for own in (True, False):
+    for derived in (True, False):
         stream = io.StringIO()
         w = output.writer("table", stream, spec.columns, **options)
-        counts = spec.table_batch(w, events, spec.decode, ctx) if own else w.batch(events, spec.decode, ctx)
+        path = output.derive_table(spec, w) if derived else w.batch
+        counts = path(events, decode or spec.decode, ctx)
         written.append((stream.getvalue(), counts, w.rows))
     if options.get("show_time"):  # the wall clock may tick between the two
         written = [([line[9:] for line in text.splitlines()], counts, rows) for text, counts, rows in written]
-    assert written[0] == written[1]
+    return written
 
 
-@pytest.mark.parametrize("spec", OWN, ids=[s.name for s in OWN])
-def test_own_table_path_is_the_one_a_run_takes(spec):
-    from tcptrace.runtime import RunOptions, Session
+@pytest.mark.parametrize("spec", DERIVED, ids=[s.name for s in DERIVED])
+@pytest.mark.parametrize("options", LAYOUTS, ids=LAYOUT_IDS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_derived_table_path_writes_what_decode_and_the_writer_write(spec, options, data):
+    """Event for event, blanks and odd values included."""
+    events = data.draw(events_of(spec))
+    ctx = data.draw(st.sampled_from(CONTEXTS))
+    derived, writer = both_paths(spec, options, events, ctx)
+    assert derived == writer
 
-    table = Session(spec, RunOptions(), output.writer("table", io.StringIO(), spec.columns))
-    assert table._write_batch().func is spec.table_batch
-    json_session = Session(spec, RunOptions(), output.writer("json", io.StringIO(), spec.columns))
-    assert json_session._write_batch() == json_session.writer.batch
+
+# Fields of an event with nothing blank: it must take the derived loop's
+# fast branch (a value declared wrong would send every event the careful way).
+ADDR = bytes([10, 0, 0, 1]) + bytes(12)
+COMPLETE = {
+    "states": {"delta_ns": 5_000_000},
+    "life": {"pid": 181, "bytes_known": 1, "retrans_known": 1, "connect_known": 1, "closer": 2,
+             "tx_bytes": 100_002, "rx_bytes": 5_001},
+    "connect": {"pid": 181, "lat_ns": 250_000},
+    "accept": {"pid": 181, "owner_known": 1},
+}
+
+
+def test_every_derived_tool_has_a_complete_event():
+    assert sorted(COMPLETE) == sorted(s.name for s in DERIVED)
+
+
+@pytest.mark.parametrize("spec", DERIVED, ids=[s.name for s in DERIVED])
+@pytest.mark.parametrize("options", LAYOUTS, ids=LAYOUT_IDS)
+def test_an_event_without_blanks_takes_the_fast_branch(spec, options):
+    ev = make_event(spec, ts_ns=1, family=2, lport=8080, rport=80, saddr=ADDR, daddr=ADDR, comm=b"curl",
+                    **COMPLETE[spec.name])
+    w = output.writer("table", io.StringIO(), spec.columns, **options)
+    path = output.batch_for(spec, w)
+    assert path([ev, ev], spec.decode, DecodeContext()) == (2, 0)
+    assert path.careful == 0 and "10.0.0.1" in w.stream.getvalue()
+
+
+def test_blanks_and_failures_take_the_careful_path():
+    """A value that is blank goes to decode(): a row it skips is not
+    written, one it cannot make sense of is counted, the others are
+    written as the writer writes them."""
+    spec = TOOLS["states"]
+    pid = next(c for c in spec.columns if c.key == "pid")
+    columns = tuple(replace(pid, value="None if pid in (13, 14) else pid") if c is pid else c for c in spec.columns)
+
+    @functools.wraps(spec.decode)
+    def decode(values, ctx):
+        if values[3] == 13:
+            raise ValueError("garbage")
+        return None if values[3] == 14 else spec.decode(values, ctx)
+
+    odd = replace(spec, columns=columns, decode=decode)
+    events = [make_event(spec, ts_ns=i, pid=pid, family=2, delta_ns=1000) for i, pid in enumerate((12, 13, 14, 15))]
+    derived, writer = both_paths(odd, {}, events, DecodeContext(), decode)
+    assert derived == writer and derived[1] == (2, 1)
+
+
+def test_a_per_batch_value_that_fails_hands_the_batch_to_decode():
+    spec = TOOLS["life"]
+    events = [make_event(spec, ts_ns=1, pid=181, bytes_known=1, family=2)]
+    derived, writer = both_paths(spec, {}, events, None)  # _counters_trusted(None) raises
+    assert derived == writer and derived[1] == (0, 1)
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("", "column pid declares no value"),
+    ("pid +", "column pid's value is not a Python expression"),
+    ("no_such_name[pid]", "column pid's value names no_such_name, neither an event field nor a known name"),
+])
+def test_a_layout_without_a_derived_path_says_why(value, reason):
+    spec = TOOLS["connect"]
+    columns = tuple(replace(c, value=value) if c.key == "pid" else c for c in spec.columns)
+    w = output.writer("table", io.StringIO(), columns)
+    with pytest.raises(output.NoFastPath, match=re.escape(reason)):
+        output.derive_table(replace(spec, columns=columns), w)
+    assert output.batch_for(replace(spec, columns=columns), w) == w.batch
+
+
+def test_the_derived_path_is_generated_from_declarations_only():
+    """The generated loop holds column expressions, field names and its own
+    names: a shared lookup is made once per event, a function of ctx once
+    per batch."""
+    spec = TOOLS["life"]
+    source = output.derive_table(spec, output.writer("table", io.StringIO(), spec.columns)).source
+    assert source.count("_counters_trusted(ctx)") == 1 and source.count("ADDRESS[family]") == 1

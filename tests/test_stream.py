@@ -1,5 +1,6 @@
 """Samples to rows: short and garbage samples are counted, never decoded."""
 
+import io
 import socket
 
 from hypothesis import given, settings, strategies as st
@@ -67,3 +68,32 @@ def test_any_bytes_never_raise(tool, samples):
     stream.drain()
     assert stream.short == sum(1 for s in samples if len(s) < spec.event.size)
     assert len(seen) + stream.malformed <= len(samples) - stream.short
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 13), st.integers(0, 13), st.sampled_from([0, 2, 10]),
+                          st.sampled_from([0, 5_000_000, (1 << 64) - 1])), max_size=30))
+def test_a_table_batch_writes_what_its_rows_write(changes):
+    """The path a run takes for a ring buffer's batch (batch_for: for
+    states' table, the one derived from its columns) writes, and counts,
+    what row-by-row writing of the same samples does."""
+    from tcptrace import output
+
+    addr = socket.inet_pton(socket.AF_INET, "10.0.0.1") + bytes(12)
+    raws = [states.EVENT.struct.pack(ts, 1, delta, 42, old, new, family, 1000, 2000, addr, addr, b"x")
+            for ts, (old, new, family, delta) in enumerate(changes)]
+    texts = []
+    for batch in (True, False):
+        out = io.StringIO()
+        writer = output.writer("table", out, states.SPEC.columns)
+        stream = EventStream(states.SPEC, DecodeContext(), writer.row, ordered=batch,
+                             write_batch=output.batch_for(states.SPEC, writer))
+        if batch:
+            assert isinstance(stream.write_batch, output.DerivedTable)
+            stream.add_values([states.EVENT.struct.unpack(raw) for raw in raws])
+        else:
+            for raw in raws:
+                stream.add(raw)
+        stream.drain()
+        texts.append((out.getvalue(), stream.rows, stream.malformed))
+    assert texts[0] == texts[1] and texts[0][1] == len(changes)

@@ -1,7 +1,7 @@
 """tcptrace accept: passive TCP opens, with the listening process (bcc's
 tcpaccept, from the state tracepoint)."""
 
-from .. import net, output
+from .. import net
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
@@ -23,11 +23,11 @@ EVENT = Layout(
 )
 
 COLUMNS = (
-    Column("pid", "PID", 7, "d", nullable=True),
-    Column("comm", "COMM", 10, truncate=True, nullable=True),
+    Column("pid", "PID", 7, "d", nullable=True, value="pid if owner_known else None"),
+    Column("comm", "COMM", 10, truncate=True, nullable=True, value="COMM[comm] if owner_known else None"),
     IP_COLUMN,
     *ENDPOINT_COLUMNS,
-    Column("syn_recv_ms", "SYN_RECV(ms)", 0, ".3f"),
+    Column("syn_recv_ms", "SYN_RECV(ms)", 0, ".3f", value="syn_recv_ns / 1e6"),
 )
 
 
@@ -49,31 +49,6 @@ def decode(ev, ctx: DecodeContext):
     )
 
 
-# The positions of decode()'s row that the table shows: by default, and
-# under -w with the IP column.
-_TABLE = (0, 1, 3, 4, 5, 6, 7)
-_TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7)
-
-
-@output.own_table_path(_TABLE, _TABLE_WIDE)
-def table_batch(add, samples, percent, layout, careful, decode, ctx):
-    """decode() and the table's printf format in one loop, as states does
-    (tests/test_output.py holds it to decode() and TableWriter.batch); a
-    listener of unknown owner takes the writer's careful path."""
-    wide = layout == 1
-    for values in samples:
-        _ts, _skaddr, syn_recv_ns, pid, family, lport, rport, known, _unused, saddr, daddr, comm = values
-        if not known:
-            add(careful(_ts, decode(values, ctx)))
-            continue
-        address = _ADDRESS[family]
-        if wide:
-            add(percent % (pid, _COMM[comm], _VERSION[family], address[saddr], lport, address[daddr], rport,
-                           syn_recv_ns / 1e6))
-        else:
-            add(percent % (pid, _COMM[comm], address[saddr], lport, address[daddr], rport, syn_recv_ns / 1e6))
-
-
 SPEC = ToolSpec(
     name="accept",
     summary="Trace passive TCP opens: connections a listener established, with its process.",
@@ -90,7 +65,6 @@ SPEC = ToolSpec(
     event=EVENT,
     columns=COLUMNS,
     decode=decode,
-    table_batch=table_batch,
     tracepoints=(
         STATE_CHANGES,
     ),

@@ -4,7 +4,7 @@ tcpconnlat, from the state tracepoint)."""
 
 import errno
 
-from .. import net, output
+from .. import net
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
@@ -36,12 +36,12 @@ EVENT = Layout(
 )
 
 COLUMNS = (
-    Column("pid", "PID", 7, "d"),
-    Column("comm", "COMM", 10, truncate=True),
+    Column("pid", "PID", 7, "d", value="pid"),
+    Column("comm", "COMM", 10, truncate=True, value="COMM[comm]"),
     IP_COLUMN,
     *ENDPOINT_COLUMNS,
-    Column("lat_ms", "LAT(ms)", 8, ".3f", right=True),
-    Column("result", "RESULT"),
+    Column("lat_ms", "LAT(ms)", 8, ".3f", right=True, value="lat_ns / 1e6"),
+    Column("result", "RESULT", value='result(failed, reset, error) if failed else "OK"'),
 )
 
 
@@ -75,27 +75,6 @@ def decode(ev, ctx: DecodeContext):
     )
 
 
-# The positions of decode()'s row that the table shows: by default, and
-# under -w with the IP column.
-_TABLE = (0, 1, 3, 4, 5, 6, 7, 8)
-_TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7, 8)
-
-
-@output.own_table_path(_TABLE, _TABLE_WIDE)
-def table_batch(add, samples, percent, layout, careful, decode, ctx):
-    """decode() and the table's printf format in one loop, as states does
-    (tests/test_output.py holds it to decode() and TableWriter.batch)."""
-    wide = layout == 1
-    for _ts, _skaddr, lat_ns, pid, error, family, lport, rport, failed, reset, saddr, daddr, comm in samples:
-        address = _ADDRESS[family]
-        outcome = result(failed, reset, error) if failed else "OK"
-        if wide:
-            add(percent % (pid, _COMM[comm], _VERSION[family], address[saddr], lport, address[daddr], rport,
-                           lat_ns / 1e6, outcome))
-        else:
-            add(percent % (pid, _COMM[comm], address[saddr], lport, address[daddr], rport, lat_ns / 1e6, outcome))
-
-
 SPEC = ToolSpec(
     name="connect",
     summary="Trace TCP connects: who, to where, how long the handshake took, how it failed.",
@@ -114,7 +93,6 @@ SPEC = ToolSpec(
     event=EVENT,
     columns=COLUMNS,
     decode=decode,
-    table_batch=table_batch,
     tracepoints=(
         STATE_CHANGES,
         Tracepoint("tcp:tcp_receive_reset", fields=("skaddr",), since="4.16", optional=True),

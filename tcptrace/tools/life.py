@@ -1,7 +1,7 @@
 """tcptrace life: one row per closed TCP session, as bcc's tcplife shows it,
 with byte counts read at offsets from the running kernel's BTF."""
 
-from .. import net, output
+from .. import net
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
 
@@ -40,23 +40,31 @@ EVENT = Layout(
     ]
 )
 
+# Byte counts are shown only when the kernel side read them, at offsets of
+# the size it reads (the per-batch _counters_trusted(ctx) of Column.value).
+_KB = "{} // 1024 if bytes_known and _counters_trusted(ctx) else None"
+
 COLUMNS = (
-    Column("pid", "PID", 5, "d", wide=7, nullable=True),
-    Column("comm", "COMM", 10, truncate=True, wide=16, nullable=True),
+    Column("pid", "PID", 5, "d", wide=7, nullable=True, value="pid or None"),
+    Column("comm", "COMM", 10, truncate=True, wide=16, nullable=True, value="COMM[comm] if pid else None"),
     IP_COLUMN,
     *ENDPOINT_COLUMNS,
-    Column("tx_kb", "TX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS),
-    Column("rx_kb", "RX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS),
+    Column("tx_kb", "TX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS,
+           value=_KB.format("tx_bytes")),
+    Column("rx_kb", "RX_KB", 5, "d", right=True, wide=6, json=False, requires=BYTE_COUNTERS,
+           value=_KB.format("rx_bytes")),
     Column("tx_bytes", "TX_BYTES", table=False, requires=BYTE_COUNTERS, type="integer", nullable=True),
     Column("rx_bytes", "RX_BYTES", table=False, requires=BYTE_COUNTERS, type="integer", nullable=True),
     Column("retransmits", "RETRANS", 7, "d", right=True, extended=True, requires=("tcp:tcp_retransmit_skb",),
-           nullable=True),
+           nullable=True, value="retransmits if retrans_known else None"),
     # Without resets seen, a session that ends straight in CLOSE has no closer.
-    Column("closed_by", "CLOSED_BY", 9, extended=True, requires=("tcp:tcp_receive_reset",), nullable=True),
-    Column("connect_ms", "CONN_MS", 8, ".2f", right=True, extended=True, nullable=True),
+    Column("closed_by", "CLOSED_BY", 9, extended=True, requires=("tcp:tcp_receive_reset",), nullable=True,
+           value="CLOSERS.get(closer)"),
+    Column("connect_ms", "CONN_MS", 8, ".2f", right=True, extended=True, nullable=True,
+           value="connect_ns / 1e6 if connect_known else None"),
     Column("ms", "MS", table=False, type="number"),
     Column("partial", "PARTIAL", table=False, type="boolean"),
-    Column("ms_text", "MS", 0, json=False),
+    Column("ms_text", "MS", 0, json=False, value="'%.2f%s' % (span_ns / 1e6, PARTIAL_MARK if partial else '')"),
 )
 
 
@@ -100,34 +108,6 @@ def decode(ev, ctx: DecodeContext):
     )
 
 
-# The positions of decode()'s row that the table shows: by default, and
-# under -w with the IP column (-x adds columns: the writer's path).
-_TABLE = (0, 1, 3, 4, 5, 6, 7, 8, 16)
-_TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
-
-
-@output.own_table_path(_TABLE, _TABLE_WIDE, when=_counters_trusted)
-def table_batch(add, samples, percent, layout, careful, decode, ctx):
-    """decode() and the table's printf format in one loop, as states does:
-    the per-event path of `tcptrace life` (tests/test_output.py holds it to
-    decode() and TableWriter.batch). A session without an owner or byte
-    counts takes the writer's careful path (its blanks print as "-")."""
-    wide = layout == 1
-    for values in samples:
-        (_ts, span_ns, _connect_ns, tx, rx, pid, _retransmits, family, lport, rport,
-         partial, bytes_known, _connect_known, _retrans_known, _closer, saddr, daddr, comm) = values
-        if not (pid and bytes_known):
-            add(careful(_ts, decode(values, ctx)))
-            continue
-        address = _ADDRESS[family]
-        ms = "%.2f%s" % (span_ns / 1e6, PARTIAL_MARK if partial else "")
-        if wide:
-            add(percent % (pid, _COMM[comm], _VERSION[family], address[saddr], lport, address[daddr], rport,
-                           tx // 1024, rx // 1024, ms))
-        else:
-            add(percent % (pid, _COMM[comm], address[saddr], lport, address[daddr], rport, tx // 1024, rx // 1024, ms))
-
-
 SPEC = ToolSpec(
     name="life",
     summary="Trace TCP sessions as they close: owner, bytes and lifespan.",
@@ -157,7 +137,6 @@ SPEC = ToolSpec(
     event=EVENT,
     columns=COLUMNS,
     decode=decode,
-    table_batch=table_batch,
     tracepoints=(
         STATE_CHANGES,
         Tracepoint("tcp:tcp_destroy_sock", fields=("skaddr",), since="4.15", optional=True),

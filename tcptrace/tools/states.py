@@ -1,6 +1,6 @@
 """tcptrace states: every TCP state change, as bcc's tcpstates shows it."""
 
-from .. import net, output, tcpstate
+from .. import net, tcpstate
 from ..layout import Layout
 from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
 
@@ -24,15 +24,15 @@ EVENT = Layout(
 )
 
 COLUMNS = (
-    Column("skaddr", "SKADDR", 16),  # hex text: JSON numbers past 2**53 lose digits
-    Column("pid", "C-PID", 5, "d"),
-    Column("comm", "C-COMM", 10, truncate=True),
+    Column("skaddr", "SKADDR", 16, value='"%x" % skaddr'),  # hex text: JSON numbers past 2**53 lose digits
+    Column("pid", "C-PID", 5, "d", value="pid"),
+    Column("comm", "C-COMM", 10, truncate=True, value="COMM[comm]"),
     IP_COLUMN,
     *ENDPOINT_COLUMNS,
-    Column("oldstate", "OLDSTATE", 11),
+    Column("oldstate", "OLDSTATE", 11, value="STATE[oldstate]"),
     Column("arrow", "->", 2, json=False, constant="->"),
-    Column("newstate", "NEWSTATE", 11),
-    Column("ms", "MS", 0, ".3f", nullable=True),
+    Column("newstate", "NEWSTATE", 11, value="STATE[newstate]"),
+    Column("ms", "MS", 0, ".3f", nullable=True, value="None if delta_ns == DELTA_UNKNOWN else delta_ns / 1e6"),
 )
 
 
@@ -58,33 +58,6 @@ def decode(ev, ctx: DecodeContext):
     )
 
 
-# The positions of decode()'s row that the table shows (the arrow is in
-# its format): by default, and under -w with the IP column.
-_TABLE = (0, 1, 2, 4, 5, 6, 7, 8, 10, 11)
-_TABLE_WIDE = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11)
-
-
-@output.own_table_path(_TABLE, _TABLE_WIDE)
-def table_batch(add, samples, percent, layout, careful, decode, ctx):
-    """decode() and the table's printf format in one loop, without a row
-    tuple, a column pick and a call per event in between: the per-event
-    path of `tcptrace states` (tests/test_output.py holds it to decode()
-    and TableWriter.batch). A blank MS takes the writer's careful path."""
-    wide = layout == 1
-    for values in samples:
-        _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm = values
-        if delta_ns == DELTA_UNKNOWN:
-            add(careful(_ts, decode(values, ctx)))
-            continue
-        address = _ADDRESS[family]
-        if wide:
-            add(percent % ("%x" % skaddr, pid, _COMM[comm], _VERSION[family], address[saddr], lport,
-                           address[daddr], rport, _STATE[old], _STATE[new], delta_ns / 1e6))
-        else:
-            add(percent % ("%x" % skaddr, pid, _COMM[comm], address[saddr], lport, address[daddr], rport,
-                           _STATE[old], _STATE[new], delta_ns / 1e6))
-
-
 SPEC = ToolSpec(
     name="states",
     summary="Trace TCP state changes, with the time spent in each state.",
@@ -100,7 +73,6 @@ SPEC = ToolSpec(
     event=EVENT,
     columns=COLUMNS,
     decode=decode,
-    table_batch=table_batch,
     tracepoints=(
         STATE_CHANGES,
     ),
