@@ -4,6 +4,7 @@ Options come from one vocabulary (OPTIONS), so a letter means the same thing
 in every subcommand, and every value is validated here, before any BPF work.
 """
 
+import json
 import os
 import sys
 
@@ -13,6 +14,7 @@ from . import __version__
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_STATUSES, TcptraceError
 from .net import AF_INET, AF_INET6
 from .output import FORMATS, silence_stdout
+from .spec import BadOption
 from .tools import TOOLS
 
 MAX_LIST = 64  # entries of a -p/-L/-D list (the size of the filter maps)
@@ -95,29 +97,64 @@ OPTIONS = {
     "failed": click.option("--failed", is_flag=True, help="Only failed attempts."),
 }
 
-COMMON = (
-    click.option("-o", "--output", type=click.Choice(FORMATS), default="table", show_default=True,
-                 help="Output format: an aligned table, CSV with a header row, or JSON Lines."),
-    click.option("--duration", type=POSITIVE_FLOAT, metavar="SECONDS", help="Stop after SECONDS."),
-    click.option("--max-events", type=click.IntRange(min=1), metavar="N", help="Stop after N rows."),
-    click.option("--buffer", type=click.Choice(("auto", "ring", "perf")), default="auto", show_default=True,
-                 help="Kernel-to-user buffer: a BPF ring buffer (Linux 5.8+) or per-CPU perf buffers."),
-    click.option("--buffer-pages", type=int, callback=_pages, metavar="PAGES",
-                 help="Buffer size in pages, a power of two (ring: 16384 in all, 64 MiB with 4 KiB "
-                      "pages, to ride out bursts; perf: 64 per CPU)."),
-    click.option("--verbose", is_flag=True, help="Report on stderr how the program was built and attached."),
-    click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit (no root needed)."),
-    click.option("--formats", "formats_dir", type=click.Path(exists=True, file_okay=False), hidden=True,
-                 help="Read tracepoint formats from saved files instead of tracefs."),
-)
+# Every subcommand's run-time options (tools; the exporter and doctor take
+# the ones that apply to them by name from OPTIONS).
+OPTIONS.update({
+    "output": click.option("-o", "--output", type=click.Choice(FORMATS), default="table", show_default=True,
+                           help="Output format: an aligned table, CSV with a header row, or JSON Lines."),
+    "duration": click.option("--duration", type=POSITIVE_FLOAT, metavar="SECONDS", help="Stop after SECONDS."),
+    "max_events": click.option("--max-events", type=click.IntRange(min=1), metavar="N", help="Stop after N rows."),
+    "buffer": click.option("--buffer", type=click.Choice(("auto", "ring", "perf")), default="auto",
+                           show_default=True,
+                           help="Kernel-to-user buffer: a BPF ring buffer (Linux 5.8+) or per-CPU perf buffers."),
+    "buffer_pages": click.option("--buffer-pages", type=int, callback=_pages, metavar="PAGES",
+                                 help="Buffer size in pages, a power of two (ring: 16384 in all, 64 MiB with "
+                                      "4 KiB pages, to ride out bursts; perf: 64 per CPU)."),
+    "quiet": click.option("-q", "--quiet", is_flag=True,
+                          help="No line on stderr saying that tracing has begun."),
+    "verbose": click.option("--verbose", is_flag=True,
+                            help="Report on stderr how the program was built and attached."),
+    "ebpf": click.option("--ebpf", is_flag=True, hidden=True,
+                         help="Print the BPF program and exit (no root needed)."),
+    "formats": click.option("--formats", "formats_dir", type=click.Path(exists=True, file_okay=False), hidden=True,
+                            help="Read tracepoint formats from saved files instead of tracefs."),
+})
+COMMON = ("output", "duration", "max_events", "buffer", "buffer_pages", "quiet", "verbose", "ebpf", "formats")
+# What the exporter takes besides its own options: it prints no rows.
+SERVING = ("quiet", "verbose", "ebpf", "formats")
 
 
-def _epilog(spec):
+def _epilog(spec, extra=""):
     lines = ["\b", "Examples:"]
     width = max(len(e.command) for e in spec.examples) if spec.examples else 0
     for e in spec.examples:
         lines.append(f"  {e.command.ljust(width)}  # {e.what}")
-    return "\n".join(lines)
+    return "\n".join(lines) + extra
+
+
+def own_option(option):
+    """The click option of a spec.Option."""
+    kwargs = {"help": option.help, "multiple": option.multiple}
+    if option.flag:
+        kwargs["is_flag"] = True
+    else:
+        kwargs["metavar"] = option.metavar or None
+        if option.default is not None:
+            kwargs.update(default=option.default, show_default=True)
+        if option.choices:
+            kwargs["type"] = click.Choice(option.choices)
+        elif option.range:
+            kwargs["type"] = click.IntRange(*option.range)
+    if option.parse is not None:
+        def callback(ctx, param, value, parse=option.parse):
+            if value is None or value == ():
+                return value
+            try:
+                return tuple(parse(v) for v in value) if option.multiple else parse(value)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="/".join(param.opts))
+        kwargs["callback"] = callback
+    return click.option(*option.flags, option.dest, **kwargs)
 
 
 def _options(kwargs, spec):
@@ -129,12 +166,19 @@ def _options(kwargs, spec):
         raise click.UsageError("-i/--interval goes with -c/--count.")
     if kwargs.get("top") and not kwargs.get("count"):
         raise click.UsageError("--top goes with -c/--count.")
+    ctx = click.get_current_context(silent=True)
+    for option in spec.own_options:
+        given = ctx is not None and ctx.get_parameter_source(option.dest) != click.core.ParameterSource.DEFAULT
+        if option.goes_with and given and not kwargs.get(option.goes_with):
+            needed = next(("/".join(p.opts) for p in ctx.command.params if p.name == option.goes_with),
+                          option.goes_with)
+            raise click.UsageError(f"{'/'.join(option.flags)} goes with {needed}.")
     family = AF_INET if kwargs.get("ipv4") else AF_INET6 if kwargs.get("ipv6") else 0
     extra = {}
     if kwargs.get("failed"):
         extra["FILTER_FAILED"] = 1
     return RunOptions(
-        output=kwargs["output"],
+        output=kwargs.get("output", "table"),
         wide=kwargs.get("wide", False),
         time=kwargs.get("show_time", False) or spec.always_time,
         timestamp=kwargs.get("timestamp", False),
@@ -145,63 +189,95 @@ def _options(kwargs, spec):
         rports=kwargs.get("rport") or (),
         duration=kwargs.get("duration") or 0.0,
         max_events=kwargs.get("max_events") or 0,
-        buffer=kwargs["buffer"],
+        buffer=kwargs.get("buffer", "auto"),
         buffer_pages=kwargs.get("buffer_pages") or 0,
-        verbose=kwargs["verbose"],
+        verbose=kwargs.get("verbose", False),
+        quiet=kwargs.get("quiet", False),
         count=kwargs.get("count", False),
         interval=kwargs.get("interval") or 0.0,
         top=kwargs.get("top") or 0,
         extra=extra,
+        tool={o.dest: kwargs.get(o.dest) for o in spec.own_options},
     )
 
 
-def _fail(error):
+def fail(error):
     click.echo(f"tcptrace: {error}", err=True)
     sys.exit(error.exit_code)
 
 
-def _print_program(spec, opts, formats_dir):
+def guarded(work):
+    """The one error wrapper of every subcommand: our errors end in one
+    sentence and their exit status; a tool's option the running kernel
+    refuses is a usage error (2); a closed pipe and Ctrl-C end quietly."""
+    try:
+        status = work()
+    except BadOption as e:
+        raise click.BadParameter(str(e), param_hint=e.flag)
+    except TcptraceError as e:
+        fail(e)
+    except BrokenPipeError:
+        silence_stdout()
+        status = EXIT_OK
+    except KeyboardInterrupt:
+        status = EXIT_OK
+    except OSError as e:  # stdout on a full disk or a terminal that went away
+        silence_stdout()
+        fail(TcptraceError(f"stopped: cannot write the output ({e.strerror or e})."))
+    sys.exit(status)
+
+
+def print_program(spec, opts, formats_dir):
     from . import runtime
 
     source = runtime.formats_source(formats_dir)
     click.echo(runtime.plan(spec, opts, source).text, nl=False)
+    return EXIT_OK
+
+
+def command(spec, names, run, epilog_extra=""):
+    """A click command for spec: the shared options named, the tool's own,
+    and run(opts, kwargs) -> exit status behind the one error wrapper."""
+
+    def callback(**kwargs):
+        opts = _options(kwargs, spec)
+        if kwargs.get("ebpf"):
+            guarded(lambda: print_program(spec, opts, kwargs.get("formats_dir")))
+        guarded(lambda: run(opts, kwargs))
+
+    help_text = spec.description + ("\n\n" + spec.notes if spec.notes else "")
+    cmd = click.Command(
+        spec.name, callback=callback, help=help_text, short_help=spec.summary,
+        epilog=_epilog(spec, epilog_extra), context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    decorators = [OPTIONS[name] for name in names] + [own_option(o) for o in spec.own_options]
+    for decorate in decorators:
+        cmd = decorate(cmd)
+    cmd.vocabulary = tuple(names)  # the shared options it takes, by name
+    return cmd
 
 
 def make_command(spec):
-    def callback(**kwargs):
-        opts = _options(kwargs, spec)
-        try:
-            if kwargs["ebpf"]:
-                _print_program(spec, opts, kwargs["formats_dir"])
-                sys.exit(EXIT_OK)
-            from . import output, runtime
+    def run(opts, kwargs):
+        from . import output, runtime
 
-            writer = output.writer(
-                opts.output, sys.stdout, spec.columns, show_time=opts.time,
-                show_timestamp=opts.timestamp, wide=opts.wide, extended=opts.extended, tool=spec.name,
-            )
-            status = runtime.run(spec, opts, writer)
-        except TcptraceError as e:
-            _fail(e)
-        except BrokenPipeError:
-            silence_stdout()
-            status = EXIT_OK
-        except KeyboardInterrupt:
-            status = EXIT_OK
-        except OSError as e:  # stdout on a full disk or a terminal that went away
-            silence_stdout()
-            _fail(TcptraceError(f"stopped: cannot write the output ({e.strerror or e})."))
-        sys.exit(status)
+        writer = output.writer(
+            opts.output, sys.stdout, spec.columns, show_time=opts.time,
+            show_timestamp=opts.timestamp, wide=opts.wide, extended=opts.extended, tool=spec.name,
+        )
+        return runtime.run(spec, opts, writer)
 
-    help_text = spec.description + ("\n\n" + spec.notes if spec.notes else "")
-    command = click.Command(
-        spec.name, callback=callback, help=help_text, short_help=spec.summary,
-        epilog=_epilog(spec), context_settings={"help_option_names": ["-h", "--help"]},
-    )
-    decorators = [OPTIONS[name] for name in spec.options] + list(COMMON)
-    for decorate in decorators:
-        command = decorate(command)
-    return command
+    return command(spec, tuple(spec.options) + COMMON, run)
+
+
+def exporter_command():
+    from . import exporter
+
+    def run(opts, kwargs):
+        return exporter.serve(kwargs["listen"], opts, kwargs.get("top_remotes") or 0)
+
+    return command(exporter.SPEC, tuple(exporter.SPEC.options) + SERVING, run,
+                   "\n\n" + exporter.metrics_help())
 
 
 def _status_epilog():
@@ -218,6 +294,38 @@ def cli():
 
 for _spec in TOOLS.values():
     cli.add_command(make_command(_spec))
+cli.add_command(exporter_command())
+
+
+@cli.command("doctor", short_help="Check what tcptrace needs and which subcommands and columns work here.",
+             epilog="\b\nExamples:\n  tcptrace doctor             # a readable report; exit status 0 when all can run\n"
+                    "  tcptrace doctor -o json     # the same report as one JSON object\n"
+                    "  tcptrace doctor --compile   # also build every subcommand's program with bcc",
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-o", "--output", type=click.Choice(("table", "json")), default="table", show_default=True,
+              help="A readable report, or the same as one JSON object.")
+@click.option("--compile", "compile_programs", is_flag=True,
+              help="Also compile every subcommand's BPF program with bcc (root; about half a second each).")
+@OPTIONS["formats"]
+def doctor(output, compile_programs, formats_dir):
+    """Check the kernel and this machine for what tcptrace needs: privileges,
+    tracefs, BTF, bcc, how programs are built, the ring buffer and every
+    tracepoint the subcommands use. Then say, per subcommand and column,
+    whether it works here and why not.
+
+    Exit status: 0 when every subcommand can run, else the status of the
+    first obstacle (see `tcptrace --help`)."""
+    from . import doctor as checks
+
+    def run():
+        report = checks.diagnose(formats_dir, compile_programs)
+        if output == "json":
+            click.echo(json.dumps(report.to_json(), indent=2))
+        else:
+            click.echo(checks.render_table(report), nl=False)
+        return report.status
+
+    guarded(run)
 
 
 def main():
@@ -234,21 +342,3 @@ def main():
         click.echo(f"tcptrace: internal error: {e.__class__.__name__}: {e} (set TCPTRACE_DEBUG=1 for details)",
                    err=True)
         sys.exit(EXIT_FAILURE)
-
-
-def _add_doctor():
-    from .doctor import command
-
-    cli.add_command(command)
-
-
-_add_doctor()
-
-
-def _add_exporter():
-    from .exporter import make_command as exporter_command
-
-    cli.add_command(exporter_command(OPTIONS))
-
-
-_add_exporter()

@@ -11,16 +11,13 @@ With --formats DIR it judges saved format files of another kernel instead
 of this one; the checks of this machine are then left out.
 """
 
-import json
 import os
-import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import click
-
 from . import btf, codegen, headers, runtime, tracefs
+from .runtime.plan import RINGBUF_SINCE
 from .errors import (
     EXIT_BUILD_FAILED,
     EXIT_KERNEL_TOO_OLD,
@@ -34,9 +31,8 @@ from .errors import (
     PrivilegeError,
     TracefsError,
 )
-from .tools import TOOLS
+from .programs import PROGRAMS
 
-RINGBUF_SINCE = (5, 8, 0)
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 # A check that fails stops every subcommand; the first failing one, in this
 # order, gives the exit status.
@@ -309,7 +305,7 @@ def _no_btf(_struct, _members):
 def diagnose(formats_dir=None, compile_programs=False, specs=None):
     """The whole report. Nothing here raises for a missing dependency: each
     becomes a failed check and the exit status says which."""
-    specs = list(specs if specs is not None else TOOLS.values())
+    specs = list(specs if specs is not None else PROGRAMS.values())
     running = formats_dir is None
     bcc = None
     if running:
@@ -440,33 +436,3 @@ def summary(report):
     if failed:
         return f"No subcommand can run until this is fixed: {failed[0].detail}"
     return f"{len(down)} of {total} subcommands cannot run here: {', '.join(down)}."
-
-
-@click.command(
-    "doctor",
-    short_help="Check what tcptrace needs and which subcommands and columns work here.",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="\b\nExamples:\n  tcptrace doctor             # a readable report; exit status 0 when all can run\n"
-           "  tcptrace doctor -o json     # the same report as one JSON object\n"
-           "  tcptrace doctor --compile   # also build every tool's program with bcc",
-)
-@click.option("-o", "--output", type=click.Choice(("table", "json")), default="table", show_default=True,
-              help="A readable report, or the same as one JSON object.")
-@click.option("--compile", "compile_programs", is_flag=True,
-              help="Also compile every subcommand's BPF program with bcc (root; about half a second each).")
-@click.option("--formats", "formats_dir", type=click.Path(exists=True, file_okay=False), hidden=True,
-              help="Judge saved tracepoint formats of another kernel instead of this one.")
-def command(output, compile_programs, formats_dir):
-    """Check the kernel and this machine for what tcptrace needs: privileges,
-    tracefs, BTF, bcc, how programs are built, the ring buffer and every
-    tracepoint the subcommands use. Then say, per subcommand and column,
-    whether it works here and why not.
-
-    Exit status: 0 when every subcommand can run, else the status of the
-    first obstacle (see `tcptrace --help`)."""
-    report = diagnose(formats_dir, compile_programs)
-    if output == "json":
-        click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        click.echo(render_table(report), nl=False)
-    sys.exit(report.status)

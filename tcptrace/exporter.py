@@ -21,12 +21,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import click
-
 from . import __version__, net, tcpstate
 from .errors import EXIT_OK, TcptraceError
 from .layout import Layout
-from .spec import DecodeContext, Example, ToolSpec, Tracepoint
+from .spec import DecodeContext, Example, Option, Settings, ToolSpec, Tracepoint
 from .tools import connect, resets
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
@@ -199,6 +197,15 @@ SPEC = ToolSpec(
         Tracepoint("tcp:tcp_receive_reset", fields=("skaddr", "sport", "dport"), since="4.16", optional=True),
     ),
     options=("localport", "remoteport"),
+    own_options=(
+        Option("listen", ("--listen",), "Where to serve /metrics: an IPv4 address or a bracketed IPv6 one, "
+               "and a port.", metavar="ADDR:PORT", default=DEFAULT_LISTEN, parse=lambda v: parse_listen(v)),
+        Option("top_remotes", ("--top-remotes",), "Also count per remote address and serve the K busiest "
+               "(off by default: one series per address).", metavar="K", range=(1, MAX_TOP_REMOTES)),
+    ),
+    configure=lambda values, symbols: Settings(
+        defines={"TOP_REMOTES": min(65536, max(1024, 16 * values["top_remotes"]))} if values.get("top_remotes")
+        else {}),
     btf={"tcp_sock": ("bytes_acked", "bytes_received"), "sock": ("sk_err",)},
     examples=(
         Example("tcptrace exporter", f"serve on {DEFAULT_LISTEN}"),
@@ -397,8 +404,8 @@ class Collector:
         self.ctx = DecodeContext(symbols=session.ctx.symbols)
         self.health = {
             "kernel": os.uname().release,
-            "bcc": session.bcc_version,
-            "build": session.build_mode,
+            "bcc": session.program.bcc_version,
+            "build": session.program.build_mode,
             "tracepoints": [tp.name for tp in session.spec.tracepoints],
             "attached": list(session.attached),
         }
@@ -408,7 +415,7 @@ class Collector:
         counters = sum_cpus(session.read_percpu("metrics"))
         session.read_stats()
         remotes = decode_remotes(session.read_table("remotes")) if self.top_remotes else []
-        return Snapshot(counters, session.lost, session.untracked, remotes)
+        return Snapshot(counters, session.losses.lost, session.losses.untracked, remotes)
 
     def collect(self):
         with self.lock:
@@ -467,15 +474,6 @@ def bind(host, port, version):
         raise TcptraceError(f"cannot listen on {where} ({e.strerror or e}): pick another with --listen.")
 
 
-def run_options(lports=(), rports=(), top_remotes=0, verbose=False):
-    from .runtime import RunOptions
-
-    extra = {}
-    if top_remotes:
-        extra["TOP_REMOTES"] = min(65536, max(1024, 16 * top_remotes))
-    return RunOptions(lports=lports, rports=rports, verbose=verbose, extra=extra)
-
-
 def serve(listen, opts, top_remotes=0, err=sys.stderr):
     """Bind, load, attach, serve until SIGINT/SIGTERM/SIGHUP; returns the exit status."""
     from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -495,8 +493,8 @@ def serve(listen, opts, top_remotes=0, err=sys.stderr):
         thread.start()
         where = f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
         missing = [tp.name for tp in SPEC.tracepoints if tp.name not in session.attached]
-        session.say(f"serving metrics on http://{where}/metrics"
-                    + (f" (this kernel lacks {', '.join(missing)})" if missing else ""))
+        lacks = f" (this kernel lacks {', '.join(missing)})" if missing else ""
+        session.announce(f"serving metrics on http://{where}/metrics{lacks}")
         with runtime.Stopper() as stopper:
             while not stopper.stop:
                 time.sleep(0.2)
@@ -508,60 +506,4 @@ def serve(listen, opts, top_remotes=0, err=sys.stderr):
     return EXIT_OK
 
 
-# -- the command ---------------------------------------------------------------------
-
-
-def _listen(ctx, param, value):
-    try:
-        return parse_listen(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--listen")
-
-
-def _epilog():
-    width = max(len(e.command) for e in SPEC.examples)
-    lines = ["\b", "Examples:"] + [f"  {e.command.ljust(width)}  # {e.what}" for e in SPEC.examples]
-    return "\n".join(lines) + "\n\n" + metrics_help()
-
-
-def make_command(options):
-    """The click command; `options` is cli.OPTIONS (the shared vocabulary)."""
-
-    def callback(lport, rport, listen, top_remotes, verbose, ebpf, formats_dir):
-        from .cli import _fail, _print_program
-
-        opts = run_options(lport or (), rport or (), top_remotes or 0, verbose)
-        try:
-            if ebpf:
-                _print_program(SPEC, opts, formats_dir)
-                sys.exit(EXIT_OK)
-            status = serve(listen, opts, top_remotes or 0)
-        except TcptraceError as e:
-            _fail(e)
-        except KeyboardInterrupt:
-            status = EXIT_OK
-        sys.exit(status)
-
-    command = click.Command(
-        SPEC.name, callback=callback, help=SPEC.description, short_help=SPEC.summary, epilog=_epilog(),
-        context_settings={"help_option_names": ["-h", "--help"]},
-    )
-    decorators = [
-        options["localport"],
-        options["remoteport"],
-        click.option("--listen", default=DEFAULT_LISTEN, show_default=True, callback=_listen, metavar="ADDR:PORT",
-                     help="Where to serve /metrics: an IPv4 address or a bracketed IPv6 one, and a port."),
-        click.option("--top-remotes", type=click.IntRange(1, MAX_TOP_REMOTES), metavar="K",
-                     help="Also count per remote address and serve the K busiest (off by default: "
-                          "one series per address)."),
-        click.option("--verbose", is_flag=True, help="Report on stderr how the program was built and attached."),
-        click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit (no root needed)."),
-        click.option("--formats", "formats_dir", type=click.Path(exists=True, file_okay=False), hidden=True,
-                     help="Read tracepoint formats from saved files instead of tracefs."),
-    ]
-    for decorate in decorators:
-        command = decorate(command)
-    return command
-
-
-__all__ = ["METRICS", "SPEC", "make_command", "families", "parse_listen"]
+__all__ = ["METRICS", "SPEC", "families", "parse_listen", "serve"]

@@ -182,9 +182,26 @@ def hidden_from_env():
     return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
+def mounted(mountinfo="/proc/self/mountinfo"):
+    """The mount points of tracefs, as the kernel lists them: readable by
+    anyone, unlike the mount itself (mode 0700 on recent kernels)."""
+    points = []
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                left, sep, right = line.partition(" - ")
+                if sep and right.split(" ", 1)[0] == "tracefs":
+                    points.append(left.split(" ")[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return points
+
+
 def find_mount():
-    """The first tracefs mount that has an events directory, or None."""
-    for root in TRACEFS_MOUNTS:
+    """The first tracefs mount that has an events directory, or None. The
+    check is a stat() through the mount: it succeeds with the capability
+    to search it (CAP_DAC_READ_SEARCH) where os.access() would say no."""
+    for root in TRACEFS_MOUNTS + tuple(p for p in mounted() if p not in TRACEFS_MOUNTS):
         if os.path.isdir(os.path.join(root, "events")):
             return root
     return None
@@ -196,7 +213,7 @@ def ensure_mounted():
     if root:
         return root
     target = TRACEFS_MOUNTS[0]
-    if os.geteuid() == 0 and os.path.isdir(target):
+    if not mounted() and os.path.isdir(target):
         import ctypes
         import ctypes.util
 

@@ -158,7 +158,7 @@ def test_every_program_holds_each_shared_header_once(tool):
 def test_the_exporter_shares_the_lifecycle_of_life_and_connect():
     from tcptrace import exporter
 
-    text = runtime.plan(exporter.SPEC, exporter.run_options(), source("6.18"), release="6.18").text
+    text = runtime.plan(exporter.SPEC, runtime.RunOptions(), source("6.18"), release="6.18").text
     assert text.count(codegen.bpf_source("lifecycle.bpf.h").split("\n", 2)[1]) == 1
     body = codegen.bpf_source(exporter.SPEC.bpf)
     for helper in ("session_begins(", "connect_begins(", "handshake_ends(", "connect_failed("):

@@ -130,7 +130,8 @@ def no_btf(struct_name, members):
 
 def kernel_options(kernel, **kw):
     release = tracefs.FormatSource(os.path.join(FORMATS, kernel)).kernel_release()
-    opts = exporter.run_options(**kw)
+    top_remotes = kw.pop("top_remotes", None)
+    opts = runtime.RunOptions(**kw, tool={"top_remotes": top_remotes})
     opts.buffer = "ring" if headers.version_triple(release) >= (5, 8, 0) else "perf"
     return release, opts
 

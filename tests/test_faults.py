@@ -51,17 +51,19 @@ def test_bcc_missing(bpf, report):
 
 
 def test_tracefs_unmountable(bpf, report):
-    """No tracefs and a user with CAP_BPF+CAP_PERFMON but not root: it cannot mount it."""
+    """No tracefs and a user with the capabilities tracing needs but not root
+    (nor CAP_SYS_ADMIN): it cannot mount it."""
+    caps = "+bpf,+perfmon,+dac_read_search"
     script = (
         "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; "
         "umount -l /sys/kernel/debug 2>/dev/null; "
-        f"exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=+bpf,+perfmon "
-        f"--ambient-caps=+bpf,+perfmon {' '.join(tcptrace_cmd('states'))}"
+        f"exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps={caps} "
+        f"--ambient-caps={caps} {' '.join(tcptrace_cmd('states'))}"
     )
     result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     assert result.returncode == errors.EXIT_NO_TRACEFS, result.stderr
     assert "tracefs" in one_sentence(result.stderr)
-    report("Faults", 'tracefs unmounted, user with CAP_BPF+CAP_PERFMON but not root', f"exit {result.returncode}: {one_sentence(result.stderr)}")
+    report("Faults", 'tracefs unmounted, user with CAP_BPF+CAP_PERFMON+CAP_DAC_READ_SEARCH but not root', f"exit {result.returncode}: {one_sentence(result.stderr)}")
 
 
 def test_tracefs_mounted_when_missing(bpf, report):
@@ -334,7 +336,9 @@ def test_skipped_runs_are_read_from_the_programs_attached(bpf, monkeypatch, cach
     to its losses. Both load paths must find their programs' counters."""
     import io
 
-    from tcptrace import loader, output, runtime
+    from tcptrace import output, runtime
+    from tcptrace.runtime import bpfsys
+    from tcptrace.runtime.losses import recursion_misses
     from tcptrace.tools import states
 
     if cache == "bcc":
@@ -343,13 +347,13 @@ def test_skipped_runs_are_read_from_the_programs_attached(bpf, monkeypatch, cach
     session = runtime.Session(states.SPEC, runtime.RunOptions(), writer, err=io.StringIO())
     try:
         session.open()
-        fds = session.program_fds()
+        fds = session.program.program_fds(session.functions)
         assert list(fds) == [tp.function for tp in states.SPEC.tracepoints]
         listed = {p["id"] for p in bpf_programs()}
-        assert {loader.prog_id(fd) for fd in fds.values()} <= listed
-        assert session.recursion_misses() == 0
+        assert {bpfsys.prog_id(fd) for fd in fds.values()} <= listed
+        assert recursion_misses(session.program, session.functions) == 0
         session.read_stats()
-        assert session.skipped == 0 and session.lost == 0
+        assert session.losses.skipped == 0 and session.losses.lost == 0
     finally:
         session.close()
 
@@ -375,8 +379,10 @@ def test_a_failed_build_in_a_child_is_made_here(bpf, monkeypatch, tmp_path, fail
     from tcptrace import output, runtime
     from tcptrace.tools import states
 
+    from tcptrace.runtime import bcc as bcc_runtime
+
     parent = os.getpid()
-    real = runtime.find_bcc
+    real = bcc_runtime.find_bcc
 
     def find_bcc():
         if os.getpid() != parent:  # only in the child made by the fork
@@ -385,14 +391,15 @@ def test_a_failed_build_in_a_child_is_made_here(bpf, monkeypatch, tmp_path, fail
             raise errors.BccMissingError("not in the child")
         return real()
 
-    monkeypatch.setattr(runtime, "find_bcc", find_bcc)
+    monkeypatch.setattr(bcc_runtime, "find_bcc", find_bcc)
     monkeypatch.setenv("TCPTRACE_CACHE_DIR", str(tmp_path))
     err = io.StringIO()
     writer = output.writer("table", io.StringIO(), states.SPEC.columns)
     session = runtime.Session(states.SPEC, runtime.RunOptions(verbose=True), writer, err=err)
     try:
         session.open()
-        assert session.bcc is not None and not session.built_by, err.getvalue()
+        assert session.program.build_mode == "header-free" and not session.program.built_apart, err.getvalue()
+        assert "bcc" in sys.modules
         assert session.attached == [tp.name for tp in states.SPEC.tracepoints]
     finally:
         session.close()

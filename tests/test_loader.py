@@ -12,16 +12,15 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tcptrace import loader, ringbuf
-from tcptrace.loader import (
+from tcptrace.errors import CacheError, Unsupported
+from tcptrace.runtime import bpfsys, compiled, ringbuf
+from tcptrace.runtime.compiled import (
     BPF_MAP_TYPE_HASH,
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BPF_MAP_TYPE_RINGBUF,
-    CacheError,
     Compiled,
     MapSpec,
     ProgSpec,
-    Unsupported,
 )
 
 INSN = struct.Struct("<BBhi")
@@ -45,7 +44,7 @@ EXIT = insn(0x95)
 
 
 def sample():
-    insns, relocs = loader.relocations(
+    insns, relocs = compiled.relocations(
         MOV0 + ld_map(1, 7) + CALL_LOOKUP + ld_map(1, 9) + MOV0 + EXIT, {7: "stats", 9: "events"}
     )
     return Compiled(
@@ -75,7 +74,7 @@ def _edit(doc_edit):
 
 
 DAMAGED = {
-    "another format": lambda d: d.update(format=loader.FORMAT + 1),
+    "another format": lambda d: d.update(format=compiled.FORMAT + 1),
     "a relocation to a map not kept": lambda d: d["programs"][0].update(relocs=[[1, "nothing"]]),
     "a relocation past the end": lambda d: d["programs"][0].update(relocs=[[99, "stats"]]),
     "a relocation on a plain instruction": lambda d: d["programs"][0].update(relocs=[[0, "stats"]]),
@@ -100,7 +99,7 @@ def test_from_json_refuses_non_json():
 
 def test_relocations_name_each_map_load_and_zero_its_fd():
     code = MOV0 + ld_map(1, 7) + CALL_LOOKUP + ld_const(2, 7) + ld_map(3, 9) + ld_map(1, 7) + EXIT
-    clean, relocs = loader.relocations(code, {7: "a", 9: "b"})
+    clean, relocs = compiled.relocations(code, {7: "a", 9: "b"})
     # ld_const(2, 7) carries the number 7, not a map: only src_reg says so.
     assert relocs == ((1, "a"), (6, "b"), (8, "a"))
     assert len(clean) == len(code)
@@ -125,72 +124,72 @@ REFUSED = {
 @pytest.mark.parametrize("code", REFUSED.values(), ids=list(REFUSED))
 def test_relocations_refuse_what_an_fd_cannot_fix(code):
     with pytest.raises(Unsupported):
-        loader.relocations(code, {7: "a"})
+        compiled.relocations(code, {7: "a"})
 
 
 def test_relocations_keep_bpf_to_bpf_calls():
     code = insn(0x85, src=1, imm=1) + EXIT + MOV0 + EXIT
-    assert loader.relocations(code, {}) == (code, ())
+    assert compiled.relocations(code, {}) == (code, ())
 
 
 BASE = dict(text="int x;", release="6.18.44", bcc_version="0.26.0", uname_version="#1 SMP", machine="x86_64")
 
 
 def test_cache_key_changes_with_each_input():
-    keys = {"base": loader.cache_key(**BASE)}
+    keys = {"base": compiled.cache_key(**BASE)}
     for name, other in [("text", "int y;"), ("release", "6.18.45"), ("bcc_version", "0.29.1"),
                         ("uname_version", "#2 SMP"), ("machine", "aarch64")]:
-        keys[name] = loader.cache_key(**dict(BASE, **{name: other}))
+        keys[name] = compiled.cache_key(**dict(BASE, **{name: other}))
     assert len(set(keys.values())) == len(keys), keys
-    assert loader.cache_key(**BASE) == keys["base"]
+    assert compiled.cache_key(**BASE) == keys["base"]
     # The parts are length-prefixed: moving a boundary changes the key.
-    assert loader.cache_key(**dict(BASE, text="6.18.44int x;", release="")) != keys["base"]
+    assert compiled.cache_key(**dict(BASE, text="6.18.44int x;", release="")) != keys["base"]
 
 
 def test_cache_path_is_under_the_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TCPTRACE_CACHE_DIR", str(tmp_path))
-    path = loader.cache_path("int x;", "6.18.44", "0.26.0")
+    path = compiled.cache_path("int x;", "6.18.44", "0.26.0")
     assert os.path.dirname(path) == str(tmp_path)
-    assert path == loader.cache_path("int x;", "6.18.44", "0.26.0")
-    assert path != loader.cache_path("int x;", "6.18.44", "0.27.0")
+    assert path == compiled.cache_path("int x;", "6.18.44", "0.26.0")
+    assert path != compiled.cache_path("int x;", "6.18.44", "0.27.0")
 
 
 def test_cache_round_trip_is_private(tmp_path):
     path = str(tmp_path / "cache" / "prog.json")
-    assert loader.read_cache(path) is None
-    assert loader.write_cache(path, sample())
+    assert compiled.read_cache(path) is None
+    assert compiled.write_cache(path, sample())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
     assert os.listdir(tmp_path / "cache") == ["prog.json"]  # no temporary file left
-    assert loader.read_cache(path) == sample()
+    assert compiled.read_cache(path) == sample()
 
 
 @pytest.mark.parametrize("mode", [0o666, 0o646, 0o620], ids=["world", "other", "group"])
 def test_cache_file_others_may_write_is_refused(tmp_path, mode):
     path = str(tmp_path / "prog.json")
-    loader.write_cache(path, sample())
+    compiled.write_cache(path, sample())
     os.chmod(path, mode)
     with pytest.raises(CacheError, match="others may write it"):
-        loader.read_cache(path)
+        compiled.read_cache(path)
 
 
 def test_cache_in_a_directory_others_may_write_is_refused(tmp_path):
     path = str(tmp_path / "d" / "prog.json")
-    loader.write_cache(path, sample())
+    compiled.write_cache(path, sample())
     os.chmod(tmp_path / "d", 0o777)
     with pytest.raises(CacheError, match="others may write into it"):
-        loader.read_cache(path)
-    assert not loader.write_cache(path, sample())
+        compiled.read_cache(path)
+    assert not compiled.write_cache(path, sample())
     os.chmod(tmp_path / "d", 0o1777)  # sticky, as /tmp: nobody else can replace our file
-    assert loader.read_cache(path) == sample()
+    assert compiled.read_cache(path) == sample()
 
 
 def test_cache_symlink_is_refused(tmp_path):
     real = str(tmp_path / "real.json")
-    loader.write_cache(real, sample())
+    compiled.write_cache(real, sample())
     os.symlink(real, tmp_path / "prog.json")
     with pytest.raises(CacheError, match="cannot be opened"):
-        loader.read_cache(str(tmp_path / "prog.json"))
+        compiled.read_cache(str(tmp_path / "prog.json"))
 
 
 def test_damaged_cache_is_an_error(tmp_path):
@@ -198,7 +197,7 @@ def test_damaged_cache_is_an_error(tmp_path):
     path.write_text(sample().to_json()[:-20])
     os.chmod(path, 0o600)
     with pytest.raises(CacheError, match="damaged"):
-        loader.read_cache(str(path))
+        compiled.read_cache(str(path))
 
 
 class Stat:
@@ -223,7 +222,7 @@ class Stat:
     ],
 )
 def test_trusted(uid, mode, euid, directory, refused):
-    why = loader.trusted(Stat(uid, mode), euid=euid, directory=directory)
+    why = compiled.trusted(Stat(uid, mode), euid=euid, directory=directory)
     if refused is None:
         assert why is None
     else:
@@ -236,39 +235,39 @@ def test_bcc_version_is_read_without_importing(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
     (pkg / "version.py").write_text("__version__ = '9.8.7'\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path / "nothing")])
-    assert loader.bcc_version() is None
+    assert compiled.bcc_version() is None
     v = f"{sys.version_info.major}.{sys.version_info.minor}"
     (tmp_path / f"py{v}").symlink_to(tmp_path / "lib")
-    assert loader.bcc_version([str(tmp_path / "py{v}")]) == "9.8.7"
+    assert compiled.bcc_version([str(tmp_path / "py{v}")]) == "9.8.7"
     monkeypatch.setattr(sys, "path", [str(tmp_path / "lib")])
-    assert loader.bcc_version() == "9.8.7"
+    assert compiled.bcc_version() == "9.8.7"
     assert "bcc" not in sys.modules or sys.modules["bcc"].__file__ != str(pkg / "__init__.py")
 
 
 @pytest.mark.parametrize("text, count", [("0", 1), ("0-1\n", 2), ("0-3,8-11", 8), ("0,2,4-5", 4)])
 def test_parse_cpu_list(text, count):
-    assert loader.parse_cpu_list(text) == count
+    assert bpfsys.parse_cpu_list(text) == count
 
 
 @pytest.mark.parametrize("key, value", [(b"\x01", b"\x01"), (b"\x01\x02\x03", b"\x01"), (b"\x01\x02", b"")])
 def test_map_refuses_wrong_sizes_before_the_kernel_sees_them(key, value):
-    m = loader.Map(MapSpec("filter_lports", BPF_MAP_TYPE_HASH, 2, 1, 64), fd=-1)
+    m = bpfsys.Map(MapSpec("filter_lports", BPF_MAP_TYPE_HASH, 2, 1, 64), fd=-1)
     with pytest.raises(ValueError):
         m.update(key, value)
 
 
 def test_percpu_value_length():
-    m = loader.Map(MapSpec("s", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 12, 2), fd=-1)
-    assert (m.stride, m.value_len) == (16, 16 * loader.possible_cpus())
+    m = bpfsys.Map(MapSpec("s", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 12, 2), fd=-1)
+    assert (m.stride, m.value_len) == (16, 16 * bpfsys.possible_cpus())
 
 
 def test_obj_name():
-    assert loader._obj_name("on_inet_sock_set_state") == b"on_inet_sock_se"
-    assert loader._obj_name("a-b") == b""  # the kernel would refuse the whole call
+    assert bpfsys._obj_name("on_inet_sock_set_state") == b"on_inet_sock_se"
+    assert bpfsys._obj_name("a-b") == b""  # the kernel would refuse the whole call
 
 
 def test_neither_module_imports_bcc():
-    code = "import sys, tcptrace.loader, tcptrace.ringbuf; print(sorted(m for m in sys.modules if 'bcc' in m))"
+    code = "import sys, tcptrace.runtime.bpfsys, tcptrace.runtime.compiled, tcptrace.runtime.ringbuf; print(sorted(m for m in sys.modules if m.split('.')[0] == 'bcc'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -456,26 +455,26 @@ def test_ring_size_must_be_a_power_of_two_pages(ring):
 # Offsets in the kernel's UAPI (linux/bpf.h, linux/perf_event.h): the
 # structures are passed to the kernel as raw memory.
 UAPI = [
-    (loader._ProgInfo, "id", 4),
-    (loader._ProgInfo, "run_time_ns", 192),
-    (loader._ProgInfo, "recursion_misses", 208),
-    (loader._MapCreateAttr, "map_name", 28),
-    (loader._ElemAttr, "key", 8),
-    (loader._ElemAttr, "flags", 24),
-    (loader._BatchAttr, "count", 32),
-    (loader._BatchAttr, "map_fd", 36),
-    (loader._BatchAttr, "flags", 48),
-    (loader._ProgLoadAttr, "license", 16),
-    (loader._ProgLoadAttr, "log_buf", 32),
-    (loader._ProgLoadAttr, "kern_version", 40),
-    (loader._ProgLoadAttr, "prog_name", 48),
-    (loader._InfoAttr, "info", 8),
-    (loader._MapInfo, "max_entries", 16),
-    (loader._MapInfo, "name", 24),
-    (loader._ProgInfo, "id", 4),
-    (loader._PerfEventAttr, "config", 8),
-    (loader._PerfEventAttr, "flags", 40),
-    (loader._PerfEventAttr, "wakeup_events", 48),
+    (bpfsys._ProgInfo, "id", 4),
+    (bpfsys._ProgInfo, "run_time_ns", 192),
+    (bpfsys._ProgInfo, "recursion_misses", 208),
+    (bpfsys._MapCreateAttr, "map_name", 28),
+    (bpfsys._ElemAttr, "key", 8),
+    (bpfsys._ElemAttr, "flags", 24),
+    (bpfsys._BatchAttr, "count", 32),
+    (bpfsys._BatchAttr, "map_fd", 36),
+    (bpfsys._BatchAttr, "flags", 48),
+    (bpfsys._ProgLoadAttr, "license", 16),
+    (bpfsys._ProgLoadAttr, "log_buf", 32),
+    (bpfsys._ProgLoadAttr, "kern_version", 40),
+    (bpfsys._ProgLoadAttr, "prog_name", 48),
+    (bpfsys._InfoAttr, "info", 8),
+    (bpfsys._MapInfo, "max_entries", 16),
+    (bpfsys._MapInfo, "name", 24),
+    (bpfsys._ProgInfo, "id", 4),
+    (bpfsys._PerfEventAttr, "config", 8),
+    (bpfsys._PerfEventAttr, "flags", 40),
+    (bpfsys._PerfEventAttr, "wakeup_events", 48),
 ]
 
 
@@ -485,4 +484,4 @@ def test_uapi_offsets(cls, member, offset):
 
 
 def test_perf_event_attr_is_the_first_published_size():
-    assert ctypes.sizeof(loader._PerfEventAttr) == 64  # PERF_ATTR_SIZE_VER0: every kernel takes it
+    assert ctypes.sizeof(bpfsys._PerfEventAttr) == 64  # PERF_ATTR_SIZE_VER0: every kernel takes it

@@ -14,7 +14,9 @@ import time
 import pytest
 
 from helpers import ROOT, free_port
-from tcptrace import loader, ringbuf, runtime
+from tcptrace import errors, runtime
+from tcptrace.runtime import bcc as bcc_runtime, bpfsys, ringbuf
+from tcptrace.runtime import compiled as kept
 from tcptrace.spec import DecodeContext
 from tcptrace.tools import states
 
@@ -45,17 +47,17 @@ def built(bpf):
     assert "#define FILTER_LPORTS 1" in plan.text and plan.use_ring
     obj, _mode = runtime.build_program(bcc, plan.text, os.uname().release)
     try:
-        compiled = loader.capture(obj, [FUNCTION])
+        compiled = bcc_runtime.capture(obj, [FUNCTION])
     finally:
         obj.cleanup()
-    assert loader.bcc_version(runtime.BCC_DIRS) == bcc.__version__
+    assert kept.bcc_version(runtime.BCC_DIRS) == bcc.__version__
     return compiled, source.root
 
 
 @pytest.fixture
 def traced(built):
     compiled, root = built
-    with loader.Loaded(loader.Compiled.from_json(compiled.to_json())) as loaded:
+    with bpfsys.Loaded(kept.Compiled.from_json(compiled.to_json())) as loaded:
         loaded.attach_tracepoint(root, TRACEPOINT, FUNCTION)
         events = loaded["events"]
         with ringbuf.RingReader(events.fd, states.EVENT.size, size=events.max_entries) as reader:
@@ -161,7 +163,7 @@ def test_program_runs_on_every_cpu(traced):
 def test_percpu_stats(traced):
     loaded, _reader = traced
     stats = loaded["tcptrace_stats"]
-    ncpu = loader.possible_cpus()
+    ncpu = bpfsys.possible_cpus()
     for slot in (runtime.STAT_LOST_OUTPUT, runtime.STAT_UNTRACKED):
         values = stats.values(u32(slot))
         assert len(values) == ncpu and all(len(v) == 8 for v in values)
@@ -204,11 +206,11 @@ def test_update_flags(traced):
     first (listen_owners) without overwriting what the kernel learned."""
     loaded, _reader = traced
     m = loaded["filter_lports"]
-    m.update(u16(80), b"\x01", loader.BPF_NOEXIST)
+    m.update(u16(80), b"\x01", bpfsys.BPF_NOEXIST)
     with pytest.raises(FileExistsError):
-        m.update(u16(80), b"\x02", loader.BPF_NOEXIST)
+        m.update(u16(80), b"\x02", bpfsys.BPF_NOEXIST)
     with pytest.raises(FileNotFoundError):
-        m.update(u16(81), b"\x02", loader.BPF_EXIST)
+        m.update(u16(81), b"\x02", bpfsys.BPF_EXIST)
     assert m.lookup(u16(80)) == b"\x01" and m.lookup(u16(81)) is None
 
 
@@ -233,19 +235,19 @@ def test_every_program_loads_and_attaches_without_bcc(bpf, spec, opts):
     obj, _mode = runtime.build_program(bcc, plan.text, plan.release)
     functions = [tp.function for tp in spec.tracepoints if tp.name in plan.formats]
     try:
-        compiled = loader.capture(obj, functions)
+        compiled = bcc_runtime.capture(obj, functions)
         names = {name: obj[name.encode()].map_fd for name in (m.name for m in compiled.maps)}
-        bcc_maps = {name: loader.map_info(fd) for name, fd in names.items()}
+        bcc_maps = {name: bpfsys.map_info(fd) for name, fd in names.items()}
     finally:
         obj.cleanup()
     assert [p.name for p in compiled.programs] == functions
-    with loader.Loaded(loader.Compiled.from_json(compiled.to_json())) as loaded:
+    with bpfsys.Loaded(kept.Compiled.from_json(compiled.to_json())) as loaded:
         for tp in spec.tracepoints:
             if tp.name in plan.formats:
                 loaded.attach_tracepoint(source.root, tp.name, tp.function)
         assert len(loaded.attached) == len(functions)
         for name, info in bcc_maps.items():
-            mine = loader.map_info(loaded[name].fd)
+            mine = bpfsys.map_info(loaded[name].fd)
             assert (mine.type, mine.key_size, mine.value_size, mine.max_entries, mine.map_flags) == (
                 info.type, info.key_size, info.value_size, info.max_entries, info.map_flags), name
 
@@ -257,7 +259,7 @@ def bpftool_ids(kind):
 
 def test_close_leaves_nothing_loaded(built):
     compiled, root = built
-    loaded = loader.Loaded(compiled)
+    loaded = bpfsys.Loaded(compiled)
     loaded.attach_tracepoint(root, TRACEPOINT, FUNCTION)
     progs, maps = set(loaded.prog_ids().values()), set(loaded.map_ids().values())
     assert progs <= bpftool_ids("prog") and maps <= bpftool_ids("map")
@@ -272,10 +274,10 @@ def test_close_leaves_nothing_loaded(built):
 def test_verifier_refusal_carries_the_log(built):
     compiled, _root = built
     exit_only = b"\x95" + b"\x00" * 7  # returns r0, which nothing set
-    bad = loader.Compiled(compiled.maps, [loader.ProgSpec("bad", exit_only)])
+    bad = kept.Compiled(compiled.maps, [kept.ProgSpec("bad", exit_only)])
     fds = sorted(os.listdir("/proc/self/fd"))
-    with pytest.raises(loader.VerifierError) as info:
-        loader.Loaded(bad)
+    with pytest.raises(errors.VerifierError) as info:
+        bpfsys.Loaded(bad)
     assert "R0 !read_ok" in info.value.log
     assert "bad" in str(info.value) and "R0 !read_ok" in str(info.value)
     assert sorted(os.listdir("/proc/self/fd")) == fds  # the maps made before the refusal are closed
@@ -283,8 +285,8 @@ def test_verifier_refusal_carries_the_log(built):
 
 def test_unknown_tracepoint_is_a_clear_error(built):
     compiled, root = built
-    with loader.Loaded(compiled) as loaded:
-        with pytest.raises(loader.LoaderError, match="sock:no_such_tracepoint"):
+    with bpfsys.Loaded(compiled) as loaded:
+        with pytest.raises(errors.LoaderError, match="sock:no_such_tracepoint"):
             loaded.attach_tracepoint(root, "sock:no_such_tracepoint", FUNCTION)
 
 
@@ -304,9 +306,10 @@ PRELUDE = textwrap.dedent("""
     plan = runtime.plan(spec, runtime.RunOptions(), source)
 """)
 CACHED = PRELUDE + textwrap.dedent("""
-    from tcptrace import loader, ringbuf
-    path = loader.cache_path(plan.text, plan.release, loader.bcc_version(runtime.BCC_DIRS))
-    loaded = loader.Loaded(loader.read_cache(path))
+    from tcptrace.runtime import bpfsys, ringbuf
+    from tcptrace.runtime import compiled as kept
+    path = kept.cache_path(plan.text, plan.release, kept.bcc_version(runtime.BCC_DIRS))
+    loaded = bpfsys.Loaded(kept.read_cache(path))
     for tp in spec.tracepoints:
         loaded.attach_tracepoint(source.root, tp.name, tp.function)
     events = loaded["events"]
@@ -349,11 +352,11 @@ def test_cached_path_start_up_and_memory(built, tmp_path):
     plan = runtime.plan(states.SPEC, runtime.RunOptions(), source)
     obj, _mode = runtime.build_program(bcc, plan.text, plan.release)
     try:
-        compiled = loader.capture(obj, [tp.function for tp in states.SPEC.tracepoints])
+        compiled = bcc_runtime.capture(obj, [tp.function for tp in states.SPEC.tracepoints])
     finally:
         obj.cleanup()
-    path = loader.cache_path(plan.text, plan.release, bcc.__version__, directory=str(tmp_path))
-    assert loader.write_cache(path, compiled)
+    path = kept.cache_path(plan.text, plan.release, bcc.__version__, directory=str(tmp_path))
+    assert kept.write_cache(path, compiled)
 
     start(BCC, env)  # warms the page cache for both, so neither pays for the first read from disk
     cached = [start(CACHED, env) for _ in range(RUNS)]

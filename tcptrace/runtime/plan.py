@@ -1,0 +1,138 @@
+"""The plan: everything decided before the kernel is touched.
+
+Options, the running kernel's tracepoint formats and BTF offsets become the
+program's text (integer #defines only: no user string reaches the C
+source) and the entries its filter maps get before attaching. Pure but for
+reading formats and BTF, so `--ebpf` prints a plan without root.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from .. import btf, codegen, headers
+
+RING_PAGES = 16384  # 64 MiB; see defines_for()
+RINGBUF_SINCE = (5, 8, 0)  # the BPF ring buffer
+
+
+@dataclass
+class RunOptions:
+    output: str = "table"
+    wide: bool = False
+    time: bool = False
+    timestamp: bool = False
+    extended: bool = False
+    family: int = 0  # 0 for both, else AF_INET / AF_INET6
+    pids: tuple = ()
+    lports: tuple = ()
+    rports: tuple = ()
+    duration: float = 0.0
+    max_events: int = 0
+    buffer: str = "auto"
+    buffer_pages: int = 0
+    verbose: bool = False
+    quiet: bool = False  # no "tracing ..." line once attached
+    count: bool = False
+    interval: float = 0.0
+    top: int = 0
+    extra: dict = field(default_factory=dict)  # integer #defines (tests size maps with them)
+    tool: dict = field(default_factory=dict)  # the tool's own options (spec.Option.dest -> value)
+
+
+def kernel_version():
+    return headers.version_triple(os.uname().release)
+
+
+def ringbuf_supported():
+    return kernel_version() >= RINGBUF_SINCE
+
+
+def defines_for(spec, opts, use_ring):
+    defs = {}
+    if use_ring:
+        defs["TCPTRACE_RINGBUF"] = 1
+        # 64 MiB, about 600,000 state changes: a reader in its own session
+        # (its own scheduler autogroup) was measured to wait up to 1.5 s on
+        # the run queue while a full-speed loopback load ran on every CPU,
+        # and 8 MiB then lost most events. The kernel allocates all of it;
+        # the reader's RSS grows only by the part a burst fills.
+        defs["TCPTRACE_RINGBUF_PAGES"] = opts.buffer_pages or RING_PAGES
+    if opts.family:
+        defs["FILTER_FAMILY"] = opts.family
+    if opts.lports:
+        defs["FILTER_LPORTS"] = 1
+    if opts.rports:
+        defs["FILTER_RPORTS"] = 1
+    if opts.pids:
+        defs["FILTER_PIDS"] = 1
+    if opts.extended:
+        defs["TCPTRACE_EXTENDED"] = 1
+    if opts.count:
+        defs["TCPTRACE_COUNT"] = 1
+    for name, value in opts.extra.items():
+        defs[name] = value
+    return defs
+
+
+def filter_maps(opts):
+    """The shared filters' map entries: key -> 1 (integers, sized to each
+    map's key when filled)."""
+    maps = {}
+    for name, values in (("filter_lports", opts.lports), ("filter_rports", opts.rports),
+                         ("filter_pids", opts.pids)):
+        if values:
+            maps[name] = [(v, 1) for v in values]
+    return maps
+
+
+@dataclass
+class Plan:
+    """The program and its inputs."""
+
+    text: str
+    formats: dict
+    missing: list
+    use_ring: bool
+    btf: dict
+    release: str
+    maps: dict = field(default_factory=dict)  # map name -> [(key, value)], int or bytes
+    symbols: dict = field(default_factory=dict)
+
+
+def symbols_of(formats):
+    """The kernel's __print_symbolic tables: "category:event.field" -> {number: name}."""
+    out = {}
+    for name, fmt in formats.items():
+        for fname, table in fmt.symbols.items():
+            out[f"{name}.{fname}"] = table
+    return out
+
+
+def plan(spec, opts, source, release=None, btf_offsets=None):
+    """Resolve formats, BTF offsets and options into the program text and
+    its map entries. A tool's own options go through its configure(),
+    which may raise spec.BadOption (a usage error)."""
+    release = release or source.kernel_release()
+    formats, missing = codegen.resolve(spec, source)
+    if opts.buffer == "ring":
+        use_ring = True
+    elif opts.buffer == "perf":
+        use_ring = False
+    else:
+        use_ring = ringbuf_supported()
+    defs = defines_for(spec, opts, use_ring)
+    maps = filter_maps(opts)
+    symbols = symbols_of(formats)
+    if spec.configure is not None:
+        settings = spec.configure(dict(opts.tool), symbols)
+        defs.update(settings.defines)
+        for name, entries in settings.maps.items():
+            maps.setdefault(name, []).extend(entries)
+    found = {}
+    for struct_name, members in spec.btf.items():
+        offsets = btf_offsets(struct_name, members) if btf_offsets else btf.kernel_offsets(struct_name, members)
+        for member, (offset, size) in (offsets or {}).items():
+            found[f"{struct_name}.{member}"] = (offset, size)
+            defs[f"OFF_{struct_name.upper()}_{member.upper()}"] = offset
+    text = codegen.program(spec, formats, defs, release)
+    return Plan(text, formats, missing, use_ring, found, release, maps, symbols)
