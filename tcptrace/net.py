@@ -1,5 +1,6 @@
 """Addresses, ports and task names as they arrive from the kernel."""
 
+import re
 import socket
 
 AF_INET = socket.AF_INET  # 2
@@ -60,7 +61,11 @@ _UNKNOWN = _Cache(lambda raw: "?")
 # nor IPv6 gives "?" for any address.
 ADDRESS = Fallback({AF_INET: _Cache(_converter(AF_INET, 4)), AF_INET6: _Cache(_converter(AF_INET6, 16))},
                    lambda family: _UNKNOWN)
-COMM = _Cache(lambda raw: raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+# A task name may hold any byte but NUL (PR_SET_NAME): control characters
+# are escaped, so a name never breaks a row of any output in two.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+COMM = _Cache(lambda raw: _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()),
+                                       raw.split(b"\0", 1)[0].decode("utf-8", "replace")))
 
 
 def address(family, raw):
