@@ -26,6 +26,7 @@ import pytest
 import helpers
 from helpers import ROOT, Peer, Tracer, free_port, session, tcptrace_cmd
 from tcptrace import headers, tracefs
+from tcptrace.programs import PROGRAMS
 from tcptrace.tools import TOOLS
 from test_states_live import CLIENT_FIRST, by_socket
 
@@ -149,6 +150,8 @@ class Smoke:
         t["accept"] = SlowTracer("accept", "-o", "json", "-L", self.port_list("abort_server"))
         # Attached for the verifier and the tracepoints: loopback does not retransmit.
         t["retrans"] = SlowTracer("retrans", "-o", "json", "-L", str(self.ports["idle"]))
+        # The refused connect's SYN reaches no socket: the kernel drops it as NO_SOCKET.
+        t["drops"] = SlowTracer("drops", "-o", "json", "--reason", "NO_SOCKET")
         return t
 
     def traffic(self):
@@ -356,6 +359,17 @@ def test_retrans_attaches(smoke):
     assert smoke.rows("retrans") == []
 
 
+def test_drops_no_socket(smoke):
+    """The SYN of the refused connect, dropped with the kernel's own reason
+    name for it, with the 4-tuple as it was on the wire."""
+    local, closed = smoke.ports["v4"]["refused_local"], smoke.ports["v4"]["refused_closed"]
+    rows = [r for r in smoke.rows("drops") if (r["sport"], r["dport"]) == (local, closed)]
+    assert len(rows) == 1, smoke.rows("drops")
+    r = rows[0]
+    assert (r["reason"], r["flags"], r["saddr"], r["daddr"], r["family"]) == (
+        "NO_SOCKET", "S", "127.0.0.1", "127.0.0.1", 4)
+
+
 def test_doctor(bpf):
     """doctor on the running kernel: every subcommand can run (some columns
     may be blank on an older kernel), and the verdict from this kernel's
@@ -366,7 +380,7 @@ def test_doctor(bpf):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     live = json.loads(proc.stdout)
     assert live["release"] == RELEASE
-    assert {c["name"] for c in live["commands"]} == set(TOOLS)
+    assert {c["name"] for c in live["commands"]} == set(PROGRAMS)
     assert all(c["status"] in ("ok", "partial") for c in live["commands"]), live["commands"]
     saved = saved_formats_dir()
     if saved is None:

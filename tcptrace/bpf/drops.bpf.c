@@ -1,0 +1,248 @@
+/*
+ * drops.bpf.c: every TCP segment the kernel drops, with the kernel's own
+ * reason, the segment's addresses, ports and flags, and the socket it
+ * belonged to when the kernel knew one.
+ *
+ * Tracepoints: skb:kfree_skb with its `reason` (Linux 5.17+), and
+ * sock:inet_sock_set_state (4.16+), only to learn who owns each socket.
+ *
+ * kfree_skb fires for every packet of every protocol the kernel frees as a
+ * drop, so the first test is the cheapest: the ethertype in the record
+ * (host order) must be IPv4 or IPv6 and the IP header must say TCP, before
+ * any map is touched. The headers are read from the packet itself, at
+ * skb->head + skb->network_header, offsets the running kernel's BTF gives
+ * (OFF_SK_BUFF_ macros); without them nothing can be told apart and nothing
+ * is reported. The event carries the first HDR_BYTES bytes from the network
+ * header (an IPv4 header with options and the first 14 bytes of TCP fit):
+ * user space reads the addresses and flags from them as on the wire. Only a
+ * TCP header right after the IPv6 header is found (no extension headers),
+ * and only the first fragment of an IPv4 packet has one.
+ *
+ * The socket is the record's rx_sk (the receiving socket, on kernels that
+ * have it) or else skb->sk (the sender's, on the output path; on input the
+ * kernel takes it from the skb once it has found the socket). Its local
+ * port tells the direction: a segment whose source port is the socket's
+ * own was being sent, any other (and any without a socket) was received.
+ * LPORT for -L and the counts is the local end of that direction.
+ *
+ * The owner is the socket's (tcptrace.h's owner tracking), not the task on
+ * the CPU: most drops happen in softirq context. A socket that was not
+ * seen, or no socket at all, falls back to the owner of the listener on the
+ * local port, except for NO_SOCKET (no socket wanted the segment).
+ *
+ * Reasons are numbers whose names differ between kernels: user space names
+ * them from the format file and fills filter_reasons (--reason) or sets
+ * SKIP_REASONS_UPTO, the kernel's NOT_SPECIFIED and the values before it
+ * (NOT_DROPPED_YET, CONSUMED), which are not drops.
+ */
+#define TCPTRACE_OWNERS 1
+#include "tcptrace.h"
+
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define HDR_BYTES 80
+
+/* Which of pid/comm and state carry a value. */
+#define F_OWNER 1
+#define F_STATE 2
+
+struct event {
+	u64 ts_ns;
+	u32 pid;
+	u32 reason;
+	s32 state;
+	u16 family;
+	u8 values_known;
+	u8 unused;
+	u8 hdr[80];
+	char comm[16];
+};
+
+#ifdef TCPTRACE_COUNT
+struct count_key {
+	u32 reason;
+	u16 lport;
+	u16 unused;
+};
+
+COUNT_MAP(struct count_key);
+#endif
+
+#ifdef FILTER_REASONS
+BPF_HASH(filter_reasons, u32, u8, 1024);
+#endif
+
+#if defined(OFF_SK_BUFF_HEAD) && defined(OFF_SK_BUFF_NETWORK_HEADER)
+#define HAVE_HEADERS 1
+#endif
+
+static __always_inline int reason_ok(u32 reason)
+{
+#ifdef FILTER_REASONS
+	return filter_reasons.lookup(&reason) != 0;
+#elif defined(SKIP_REASONS_UPTO)
+	return reason > SKIP_REASONS_UPTO;
+#else
+	return 1;
+#endif
+}
+
+/* The socket the segment belonged to, or 0. */
+static __always_inline u64 socket_of(struct tp_kfree_skb *args, u64 skb)
+{
+	u64 sk = 0;
+
+#ifdef HAS_KFREE_SKB_RX_SK
+	sk = args->rx_sk;
+#endif
+#ifdef OFF_SK_BUFF_SK
+	if (!sk)
+		read_kernel(&sk, sizeof(sk), (void *)(skb + OFF_SK_BUFF_SK));
+#endif
+	return sk;
+}
+
+#ifdef HAVE_HEADERS
+/* Reads the headers into ev->hdr and sets *tcp to the TCP header's kernel
+ * address; returns 0 when this is not a TCP segment tcptrace can read. */
+static __always_inline int tcp_headers(struct tp_kfree_skb *args, u64 skb, struct event *ev, u64 *tcp)
+{
+	u64 head = 0;
+	u16 nh = 0;
+
+	if (args->protocol != ETH_P_IP && args->protocol != ETH_P_IPV6)
+		return 0;
+	if (read_kernel(&head, sizeof(head), (void *)(skb + OFF_SK_BUFF_HEAD)) ||
+	    read_kernel(&nh, sizeof(nh), (void *)(skb + OFF_SK_BUFF_NETWORK_HEADER)) || !head || nh == 0xffff)
+		return 0;
+	if (read_kernel(ev->hdr, sizeof(ev->hdr), (void *)(head + nh)))
+		return 0;
+
+	u8 version = ev->hdr[0] >> 4;
+
+	if (version == 4 && args->protocol == ETH_P_IP) {
+		u32 ihl = (ev->hdr[0] & 0x0f) * 4;
+		u16 fragment = ((u16)(ev->hdr[6] & 0x1f) << 8) | ev->hdr[7];
+
+		if (ev->hdr[9] != IPPROTO_TCP || ihl < 20 || fragment)
+			return 0;
+		ev->family = AF_INET;
+		*tcp = head + nh + ihl;
+		return 1;
+	}
+	if (version == 6 && args->protocol == ETH_P_IPV6) {
+		if (ev->hdr[6] != IPPROTO_TCP)
+			return 0;
+		ev->family = AF_INET6;
+		*tcp = head + nh + 40;
+		return 1;
+	}
+	return 0;
+}
+#endif
+
+int on_kfree_skb(struct tp_kfree_skb *args)
+{
+#ifdef HAVE_HEADERS
+	struct event ev = {};
+	u64 skb = args->skbaddr;
+	u64 tcp = 0;
+
+	if (!tcp_headers(args, skb, &ev, &tcp))
+		return 0;
+
+	u32 reason = args->reason;
+
+	if (!reason_ok(reason) || !family_ok(ev.family))
+		return 0;
+
+	/* The ports read again from the packet: indexing hdr[] by the IP
+	 * header's length is a variable stack offset, which verifiers before
+	 * 5.11 refuse. */
+	u16 ports[2] = {};
+
+	if (read_kernel(ports, sizeof(ports), (void *)tcp))
+		return 0;
+
+	u16 sport = __builtin_bswap16(ports[0]), dport = __builtin_bswap16(ports[1]);
+	u16 lport = dport, rport = sport;
+	u64 sk = socket_of(args, skb);
+
+	if (sk) {
+#ifdef OFF_SOCK_COMMON_SKC_NUM
+		u16 num = 0;
+
+		read_kernel(&num, sizeof(num), (void *)(sk + OFF_SOCK_COMMON_SKC_NUM));
+		if (num == sport && num != dport) {
+			lport = sport;
+			rport = dport;
+		}
+#endif
+#ifdef OFF_SOCK_COMMON_SKC_STATE
+		u8 state = 0;
+
+		if (read_kernel(&state, sizeof(state), (void *)(sk + OFF_SOCK_COMMON_SKC_STATE)) == 0 && state) {
+			ev.state = state;
+			ev.values_known |= F_STATE;
+		}
+#endif
+	}
+	if (!ports_ok(lport, rport))
+		return 0;
+
+	struct owner *o = sk ? owner_of(sk) : 0;
+
+#ifdef REASON_NO_SOCKET
+	if (!o && reason != REASON_NO_SOCKET)
+		o = listen_owners.lookup(&lport);
+#else
+	if (!o)
+		o = listen_owners.lookup(&lport);
+#endif
+#ifdef FILTER_PIDS
+	if (!o || !pid_ok(o->pid))
+		return 0;
+#endif
+	if (o && o->known) {
+		ev.pid = o->pid;
+		__builtin_memcpy(ev.comm, o->comm, sizeof(ev.comm));
+		ev.values_known |= F_OWNER;
+	}
+
+#ifdef TCPTRACE_COUNT
+	struct count_key key = {};
+	u64 zero = 0;
+
+	key.reason = reason;
+#ifdef COUNT_BY_LPORT
+	key.lport = lport;
+#endif
+	u64 *count = counts.lookup_or_try_init(&key, &zero);
+	if (count)
+		__sync_fetch_and_add(count, 1);
+	else
+		stat_inc(STAT_LOST_OUTPUT);
+#else
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.reason = reason;
+	emit(args, &ev, sizeof(ev));
+#endif
+#endif /* HAVE_HEADERS */
+	return 0;
+}
+
+#ifdef HAVE_INET_SOCK_SET_STATE
+int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
+{
+	if (!is_tcp(args->protocol))
+		return 0;
+
+	u64 skaddr = args->skaddr;
+	s32 newstate = args->newstate;
+
+	track_owner(skaddr, args->oldstate, newstate, args->sport);
+	if (newstate == TCP_CLOSE)
+		forget_owner(skaddr);
+	return 0;
+}
+#endif
