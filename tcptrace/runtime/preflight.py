@@ -40,16 +40,19 @@ def capabilities(status="/proc/self/status"):
 
 
 def needed_capabilities(version=None):
+    """What loading and attaching needs. CAP_DAC_READ_SEARCH is checked
+    where it matters, by reading tracefs: root owns those files and reads
+    them without it."""
     version = version or kernel_version()
     if version >= CAPS_SINCE:
-        return (CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH)
-    return (CAP_SYS_ADMIN, CAP_DAC_READ_SEARCH)
+        return (CAP_BPF, CAP_PERFMON)
+    return (CAP_SYS_ADMIN,)
 
 
 def missing_capabilities(caps=None, version=None):
     caps = capabilities() if caps is None else caps
-    if caps & (1 << CAP_SYS_ADMIN) and caps & (1 << CAP_DAC_READ_SEARCH):
-        return []  # what root has: everything BPF needs on any kernel
+    if caps & (1 << CAP_SYS_ADMIN):
+        return []  # it covers CAP_BPF and CAP_PERFMON on every kernel
     return [CAP_NAMES[c] for c in needed_capabilities(version) if not caps & (1 << c)]
 
 
@@ -57,7 +60,7 @@ def check_privileges(caps=None, version=None):
     missing = missing_capabilities(caps, version)
     if not missing:
         return
-    need = " + ".join(CAP_NAMES[c] for c in needed_capabilities(version))
+    need = " + ".join(CAP_NAMES[c] for c in needed_capabilities(version) + (CAP_DAC_READ_SEARCH,))
     raise PrivilegeError(
         f"tcptrace loads BPF programs into the kernel: run it as root or with {need}; "
         f"this process lacks {', '.join(missing)}."
