@@ -193,8 +193,8 @@ SPEC = ToolSpec(
         SET_STATE,
         Tracepoint("tcp:tcp_retransmit_skb", fields=("skaddr", "sport", "dport"), since="4.15", optional=True),
         Tracepoint("tcp:tcp_retransmit_synack", fields=("sport", "dport"), since="4.15", optional=True),
-        Tracepoint("tcp:tcp_send_reset", fields=("skaddr", "saddr", "daddr"), since="4.16", optional=True),
-        Tracepoint("tcp:tcp_receive_reset", fields=("skaddr", "sport", "dport"), since="4.16", optional=True),
+        Tracepoint("tcp:tcp_send_reset", fields=("skaddr", "saddr", "daddr"), optional=True),
+        Tracepoint("tcp:tcp_receive_reset", fields=("skaddr", "sport", "dport"), optional=True),
     ),
     options=("localport", "remoteport"),
     own_options=(

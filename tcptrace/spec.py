@@ -65,8 +65,16 @@ class Tracepoint:
 
     name: str  # "sock:inet_sock_set_state"
     fields: tuple = ()
-    since: str = ""  # the first kernel version that has it with these fields
+    # The first kernel that has it with these fields: from the one table
+    # (tracepoints.py) unless given, and a test holds a given one to it.
+    since: str = ""
     optional: bool = False  # the tool runs without it (a column goes blank)
+
+    def __post_init__(self):
+        if not self.since:
+            from .tracepoints import since
+
+            object.__setattr__(self, "since", since(self.name, self.fields))
 
     @property
     def event(self):

@@ -95,7 +95,7 @@ SPEC = ToolSpec(
     decode=decode,
     tracepoints=(
         STATE_CHANGES,
-        Tracepoint("tcp:tcp_receive_reset", fields=("skaddr",), since="4.16", optional=True),
+        Tracepoint("tcp:tcp_receive_reset", fields=("skaddr",), optional=True),
     ),
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide",
              "failed"),

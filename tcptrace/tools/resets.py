@@ -119,10 +119,9 @@ SPEC = ToolSpec(
     columns=COLUMNS,
     decode=decode,
     tracepoints=(
-        Tracepoint("tcp:tcp_send_reset", fields=("skaddr", "saddr", "daddr"), since="4.16"),
+        Tracepoint("tcp:tcp_send_reset", fields=("skaddr", "saddr", "daddr")),
         Tracepoint("tcp:tcp_receive_reset",
-                   fields=("skaddr", "sport", "dport", "saddr", "daddr", "saddr_v6", "daddr_v6"),
-                   since="4.16"),
+                   fields=("skaddr", "sport", "dport", "saddr", "daddr", "saddr_v6", "daddr_v6")),
         Tracepoint(
             "sock:inet_sock_set_state",
             fields=("skaddr", "oldstate", "newstate", "sport", "protocol"),
