@@ -18,13 +18,21 @@ KERNEL_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static
 KERNEL_VENV ?= build/kernel-venv
 VIRTME_NG ?= virtme-ng==1.42
 
-.PHONY: run test test-unit test-kernel bench soak reliability docs deps test-deps venv clean
+.PHONY: run test lint fmt test-unit test-kernel bench soak reliability docs deps test-deps venv clean
 
 run: deps
 	$(VENV)/bin/tcptrace states $(ARGS)
 
-test: test-deps
+test: test-deps lint
 	$(VENV)/bin/python -m pytest -ra tests $(ARGS)
+
+# Pyflakes' checks and syntax errors (pyproject.toml's [tool.ruff]): what
+# a test run would only find by luck. `make fmt` applies the safe fixes.
+lint: venv
+	$(VENV)/bin/ruff check tcptrace tests bench scripts
+
+fmt: venv
+	$(VENV)/bin/ruff check --fix tcptrace tests bench scripts
 
 test-kernel: test-deps
 	@PACKAGES="$(KERNEL_PACKAGES)" sh scripts/apt-ensure.sh

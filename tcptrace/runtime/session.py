@@ -30,7 +30,7 @@ def activity(spec):
     """What the ready line says a tool traces: its summary's object
     ("Trace TCP state changes, with ..." -> "TCP state changes")."""
     words = re.sub(r"^(Trace|Count|Serve)\s+", "", spec.summary)
-    return re.split(r"[,:.;]", words, 1)[0].strip()
+    return re.split(r"[,:.;]", words, maxsplit=1)[0].strip()
 
 
 class Session:
