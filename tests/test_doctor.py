@@ -23,6 +23,7 @@ from tcptrace.errors import (
     EXIT_PRIVILEGE,
 )
 from tcptrace.spec import Column, Tracepoint
+from tcptrace.programs import PROGRAMS
 from tcptrace.tools import TOOLS, states
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,13 +333,13 @@ def test_live_everything_available(bpf):
     assert checks["build"]["detail"].startswith("header-free")
     for tp in report["tracepoints"]:
         assert tp["present"] is True and tp["fields"], tp["name"]
-    assert {c["name"]: c["status"] for c in report["commands"]} == {name: "ok" for name in TOOLS}
+    assert {c["name"]: c["status"] for c in report["commands"]} == {name: "ok" for name in PROGRAMS}
     assert status == EXIT_OK == report["status"]
 
 
 def test_live_compiles_every_program_header_free(bpf):
     status, report = doctor_live("--compile")
-    assert {c["name"]: c["build"] for c in report["commands"]} == {name: "header-free" for name in TOOLS}
+    assert {c["name"]: c["build"] for c in report["commands"]} == {name: "header-free" for name in PROGRAMS}
     assert status == EXIT_OK
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from helpers import Peer, Tracer, session
 from netns import RECEIVER_ADDR, SENDER_ADDR, LinkPair
-from tcptrace import output, runtime
+from tcptrace import btf, output, runtime
 from tcptrace.tools import life
 
 _HANDED_OUT = set()
@@ -406,7 +406,7 @@ def test_maps_return_to_their_size(bpf):
         rows = run.run(traffic)
         after = {m: run.size(m) for m in MAPS}
         run.session.read_stats()
-        assert run.session.untracked == 0
+        assert run.session.losses.untracked == 0
     assert len(rows) == listeners * per_listener
     assert {r["pid"] for r in rows} == {me}
     assert {r["lport"] for r in rows} == set(ports)
@@ -416,7 +416,7 @@ def test_maps_return_to_their_size(bpf):
 
 
 def test_without_btf_bytes_are_unknown(bpf, monkeypatch):
-    monkeypatch.setattr(runtime.btf, "kernel_offsets", lambda struct, members: None)
+    monkeypatch.setattr(btf, "kernel_offsets", lambda struct, members: None)
     sport, cport = free_port(), free_port()
     with InProcess(lports=(sport, cport), max_events=2) as run:
         assert "#define OFF_TCP_SOCK" not in run.session.plan.text

@@ -320,9 +320,10 @@ def test_connection_opened_before_tracing(bpf, monkeypatch):
 
 OLD_VIEW = """
 import sys
-from tcptrace import cli, runtime, tracefs
+from tcptrace import cli, tracefs
+from tcptrace.runtime import session
 saved = sys.argv[1]
-runtime.formats_source = lambda formats_dir=None: tracefs.FormatSource(saved)
+session.formats_source = lambda formats_dir=None: tracefs.FormatSource(saved)
 sys.argv = ["tcptrace", *sys.argv[2:]]
 cli.main()
 """
