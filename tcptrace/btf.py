@@ -11,6 +11,7 @@ format: it needs no libbpf, bpftool or headers.
 import hashlib
 import json
 import os
+import stat
 import struct
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -169,37 +170,159 @@ def _cache_key(path):
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def cache_dir():
-    return os.environ.get("TCPTRACE_CACHE_DIR") or (
-        "/var/cache/tcptrace" if os.geteuid() == 0 else os.path.expanduser("~/.cache/tcptrace")
-    )
+# -- the cache: compiled programs (runtime/compiled.py) and BTF offsets ---------------
+
+
+def cache_dir(env=None, euid=None):
+    """Where compiled programs and BTF offsets are kept: $TCPTRACE_CACHE_DIR;
+    else systemd's CacheDirectory= ($CACHE_DIRECTORY); else /var/cache/tcptrace
+    for root; else $XDG_CACHE_HOME/tcptrace or ~/.cache/tcptrace, when that
+    directory is this user's; else /var/tmp/tcptrace-UID.
+
+    The home directory must be this user's own: setpriv and su keep root's
+    $HOME, and a user with CAP_DAC_READ_SEARCH could read root's cache but
+    never write it."""
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    if env.get("TCPTRACE_CACHE_DIR"):
+        return env["TCPTRACE_CACHE_DIR"]
+    systemd = env.get("CACHE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return systemd
+    if euid == 0:
+        return "/var/cache/tcptrace"
+    xdg = env.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg) and _owned_by(xdg, euid):
+        return os.path.join(xdg, "tcptrace")
+    for home in (env.get("HOME", ""), _passwd_home(euid)):
+        if home and os.path.isabs(home) and _owned_by(home, euid):
+            return os.path.join(home, ".cache", "tcptrace")
+    # /var/tmp outlives a reboot, as a cache keyed by kernel build should.
+    # Made here, private: a directory there that another user made first is
+    # refused when read, and written to never.
+    path = f"/var/tmp/tcptrace-{euid}"
+    if euid == os.geteuid():
+        try:
+            os.mkdir(path, 0o700)
+        except OSError:
+            pass
+    return path
+
+
+def _owned_by(path, uid):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid
+
+
+def _passwd_home(uid):
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return ""
+
+
+def trusted(st, euid=None, directory=False):
+    """Why a cache file (or its directory) with this stat may not be trusted, or None.
+
+    The cache holds what this process loads into the kernel with its
+    privileges (programs, and the offsets they read memory at): only root or
+    this user may own it, and nobody else may write it. A directory others
+    may write into is fine only with the sticky bit (as /tmp): nobody can
+    then replace a file they do not own."""
+    euid = os.geteuid() if euid is None else euid
+    if st.st_uid not in (0, euid):
+        return f"it is owned by uid {st.st_uid}"
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if directory:
+        if not stat.S_ISDIR(st.st_mode):
+            return "it is not a directory"
+        if writable and not st.st_mode & stat.S_ISVTX:
+            return "others may write into it"
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if writable:
+        return "others may write it"
+    return None
+
+
+def read_cached(path, what):
+    """The bytes of a cache file; None when there is none; CacheError when
+    there is one that must not be used. `what` names it in the error."""
+    from .errors import CacheError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CacheError(f"the {what} {path} cannot be opened ({e.strerror}).") from None
+    try:
+        # fstat of the opened file: what is checked is what is read.
+        why = trusted(os.fstat(fd)) or trusted(os.stat(os.path.dirname(path) or "."), directory=True)
+        if why:
+            raise CacheError(f"the {what} {path} is not used: {why}.")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def write_cached(path, data, prefix=".tmp-"):
+    """Save data at path, whole or not at all, readable by this user alone;
+    False when it cannot be (a read-only cache only costs start-up time)."""
+    import tempfile  # here: only a miss writes, and tempfile imports random and shutil
+
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if trusted(os.stat(directory), directory=True):
+            return False  # it would be refused when read
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)  # mode 0600
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
 
 
 def kernel_offsets(struct_name, members, path=VMLINUX, cache=True):
     """Member offsets in the running kernel, cached per kernel build.
 
     Returns None when the kernel has no BTF: callers then mark the columns
-    that need it as unavailable rather than guess.
-    """
+    that need it as unavailable rather than guess. A cached file that another
+    user could have written is not used: the programs read kernel memory at
+    these offsets."""
+    from .errors import CacheError
+
     if not os.path.exists(path):
         return None
     key = f"{_cache_key(path)}-{struct_name}-{'-'.join(sorted(members))}"
     cache_file = os.path.join(cache_dir(), f"btf-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
     if cache:
         try:
-            with open(cache_file) as f:
-                return {k: tuple(v) for k, v in json.load(f).items()}
-        except (OSError, ValueError):
-            pass
+            data = read_cached(cache_file, "cached BTF offsets")
+            if data is not None:
+                return {k: (int(v[0]), int(v[1])) for k, v in json.loads(data).items()}
+        except (CacheError, ValueError, TypeError, AttributeError, IndexError):
+            pass  # found again from BTF below, and the file replaced if it may be
     with open(path, "rb") as f:
         found = struct_offsets(BTF(f.read()), struct_name, members)
     if cache:
-        try:
-            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            tmp = f"{cache_file}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(found, f)
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass  # a read-only cache only costs start-up time
+        write_cached(cache_file, json.dumps(found).encode(), prefix=".btf-")
     return found

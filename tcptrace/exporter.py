@@ -2,8 +2,15 @@
 
 One BPF program (bpf/exporter.bpf.c) counts state changes, session
 lifespans and bytes, retransmits, resets and connect results into one
-per-CPU struct; a scrape reads it once (summing the CPUs) and turns it into
-metric families. Nothing runs per event in user space.
+per-CPU struct, and TCP drops by reason into another; a scrape reads them
+once (summing the CPUs) and turns them into metric families. Nothing runs
+per event in user space.
+
+Every series whose labels can be known before any traffic (the state
+changes the kernel makes, this kernel's reset and drop reasons, connect
+results, retransmit states) is served from the first scrape, at 0:
+Prometheus' rate() and increase() need a sample before the first event,
+or they miss the burst that created the series.
 
 The metrics are declared once, in METRICS: the collector takes their names,
 types and help from there, and so do `tcptrace exporter --help` and the
@@ -25,7 +32,7 @@ from . import __version__, net, tcpstate
 from .errors import EXIT_OK, TcptraceError
 from .layout import Layout
 from .spec import DecodeContext, Example, Option, Settings, ToolSpec, Tracepoint
-from .tools import connect, resets
+from .tools import connect, drops, resets
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
 MAX_TOP_REMOTES = 1000  # the bound on --top-remotes: series per remote metric
@@ -39,6 +46,7 @@ REASON_SLOTS = 128
 REASON_OTHER = 126
 REASON_NONE = 127
 ERRNO_SLOTS = 256
+DROPS_BEYOND = 64  # drop reasons past the format's table (subsystem reasons: 0x30001 ...)
 
 COUNTERS = Layout(
     [
@@ -68,6 +76,38 @@ REMOTE_COUNTS = Layout([("connections", "u64"), ("retransmits", "u64")])
 # the smaller slots folded into the first bucket (buckets are cumulative).
 DURATION_POWERS = range(10, 47)  # 2^10 ns (1 us) .. 2^46 ns (19.5 hours)
 BYTES_POWERS = range(0, 41)  # 1 byte .. 1 TiB
+
+# -- the series that exist before any event -----------------------------------------
+
+S = tcpstate.NAMES
+# The state changes sock:inet_sock_set_state reports for TCP: tcp_set_state()
+# and the listener's inet_csk_listen_start() / inet_csk_clone_lock() (a
+# child is cloned from the listener, hence LISTEN->SYN_RECV). TIME_WAIT is
+# never one: tcp_time_wait() hands the connection to a timewait mini-socket
+# and closes the full socket (FIN_WAIT2->CLOSE). Others the kernel may make
+# later are served from their first event.
+TRANSITIONS = tuple((S[a], S[b]) for a, b in (
+    (tcpstate.CLOSE, tcpstate.LISTEN), (tcpstate.LISTEN, tcpstate.CLOSE),
+    (tcpstate.CLOSE, tcpstate.SYN_SENT), (tcpstate.SYN_SENT, tcpstate.ESTABLISHED),
+    (tcpstate.SYN_SENT, tcpstate.CLOSE), (tcpstate.SYN_SENT, tcpstate.SYN_RECV),  # simultaneous open
+    (tcpstate.LISTEN, tcpstate.SYN_RECV), (tcpstate.SYN_RECV, tcpstate.ESTABLISHED),
+    (tcpstate.SYN_RECV, tcpstate.CLOSE), (tcpstate.SYN_RECV, tcpstate.FIN_WAIT1),  # Fast Open children
+    (tcpstate.SYN_RECV, tcpstate.CLOSE_WAIT),
+    (tcpstate.ESTABLISHED, tcpstate.FIN_WAIT1), (tcpstate.ESTABLISHED, tcpstate.CLOSE_WAIT),
+    (tcpstate.ESTABLISHED, tcpstate.CLOSE),
+    (tcpstate.FIN_WAIT1, tcpstate.FIN_WAIT2), (tcpstate.FIN_WAIT1, tcpstate.CLOSING),
+    (tcpstate.FIN_WAIT1, tcpstate.CLOSE), (tcpstate.FIN_WAIT2, tcpstate.CLOSE),
+    (tcpstate.CLOSING, tcpstate.CLOSE), (tcpstate.CLOSE_WAIT, tcpstate.LAST_ACK),
+    (tcpstate.CLOSE_WAIT, tcpstate.CLOSE), (tcpstate.LAST_ACK, tcpstate.CLOSE),
+))
+# Where tcp_retransmit_skb can fire: the SYN, a Fast Open SYN-ACK with data,
+# data, and a FIN in every state that has one outstanding.
+RETRANSMIT_STATES = ("SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "CLOSING", "CLOSE_WAIT", "LAST_ACK")
+# How a connect ends (tcptrace connect's RESULT): without BTF the socket's
+# error is unknown and every failure without a reset is FAILED.
+CONNECT_RESULTS = ("OK", "REFUSED", "TIMEOUT", "CLOSED", "EHOSTUNREACH", "ENETUNREACH")
+CONNECT_RESULTS_NO_BTF = ("OK", "REFUSED", "FAILED")
+SENTINEL = "MAX"  # the end of a kernel enum's table, never a value
 
 # -- the metrics: the one place they are declared ----------------------------------
 
@@ -120,6 +160,12 @@ METRICS = (
            "first), or the errno the socket kept (EHOSTUNREACH...); FAILED without kernel BTF. "
            "Failures are result!=\"OK\".",
            ("result",), "sock:inet_sock_set_state, tcp:tcp_receive_reset"),
+    Metric(PREFIX + "tcp_drops_total", "counter",
+           "TCP segments the kernel dropped, by its own reason (Linux 5.17+; names from the running "
+           "kernel: NO_SOCKET, TCP_CSUM, NETFILTER_DROP...; a number its table lacks as the number), "
+           "as `tcptrace drops -c` counts them: NOT_SPECIFIED and the values before it are not drops. "
+           "Left out on older kernels and without kernel BTF.",
+           ("reason",), "skb:kfree_skb"),
     Metric(PREFIX + "remote_connections_total", "counter",
            "Connections established (either direction) with each of the K busiest remote addresses.",
            ("remote",), "sock:inet_sock_set_state", "--top-remotes K"),
@@ -127,7 +173,8 @@ METRICS = (
            "Retransmits towards each of the K remote addresses with the most.",
            ("remote",), "tcp:tcp_retransmit_skb", "--top-remotes K"),
     Metric(PREFIX + "lost_events_total", "counter",
-           "Events the kernel side could not count (the --top-remotes map could not take an address).",
+           "Events the kernel side could not count (the --top-remotes map could not take an address, or "
+           f"more than {DROPS_BEYOND} distinct drop reasons past the kernel's table).",
            (), ""),
     Metric(PREFIX + "untracked_sockets_total", "counter",
            "Sockets whose session or connect could not be followed (no room in the per-socket map; past "
@@ -174,12 +221,45 @@ SET_STATE = Tracepoint("sock:inet_sock_set_state",
                                "saddr", "daddr", "saddr_v6", "daddr_v6"),
                        since="4.16")
 
+DROPS = Tracepoint("skb:kfree_skb", fields=("skbaddr", "protocol", "reason"), optional=True)
+
+
+def drop_reasons(symbols):
+    """{number: name} of the drops this kernel can report, as `tcptrace drops`
+    sees them: the format's reason table past NOT_SPECIFIED."""
+    table = drops.reason_table(symbols)
+    skip = table.get(drops.NOT_SPECIFIED, -1)
+    return {number: name for name, number in table.items() if number > skip}
+
+
+def drop_slots(symbols):
+    """The kernel-side array's size: every number of the format's reason
+    table (its MAX included), rounded up to a power of two for SLOT()."""
+    top = max(symbols.get(drops.REASON_SYMBOLS) or {0: ""})
+    return 1 << top.bit_length()
+
+
+def configure(values, symbols):
+    defines = {}
+    if values.get("top_remotes"):
+        defines["TOP_REMOTES"] = min(65536, max(1024, 16 * values["top_remotes"]))
+    if drops.REASON_SYMBOLS in symbols:
+        defines["DROP_REASON_SLOTS"] = drop_slots(symbols)
+        defines["DROPS_BEYOND"] = DROPS_BEYOND
+        table = drops.reason_table(symbols)
+        if drops.NOT_SPECIFIED in table:
+            defines["DROP_SKIP_UPTO"] = table[drops.NOT_SPECIFIED]
+    return Settings(defines=defines)
+
+
 SPEC = ToolSpec(
     name="exporter",
     summary="Serve TCP metrics to Prometheus, counted in the kernel.",
     description=(
         "Serve Prometheus metrics over HTTP: TCP state changes, session lifespans and bytes, "
-        "retransmits, resets with the kernel's reasons, connect results, and tcptrace's own health. "
+        "retransmits, resets and drops with the kernel's reasons, connect results, and tcptrace's own "
+        "health. Series whose labels are known in advance (states, reasons, results) are served at 0 "
+        "from the first scrape. "
         "Everything is counted in the kernel; a scrape reads the counters once. No label names a "
         "connection: the series are bounded whatever the traffic (remote addresses only with "
         f"--top-remotes K, at most K series per metric, K <= {MAX_TOP_REMOTES}). -L/-D count only "
@@ -195,6 +275,7 @@ SPEC = ToolSpec(
         Tracepoint("tcp:tcp_retransmit_synack", fields=("sport", "dport"), since="4.15", optional=True),
         Tracepoint("tcp:tcp_send_reset", fields=("skaddr", "saddr", "daddr"), optional=True),
         Tracepoint("tcp:tcp_receive_reset", fields=("skaddr", "sport", "dport"), optional=True),
+        DROPS,
     ),
     options=("localport", "remoteport"),
     own_options=(
@@ -202,11 +283,13 @@ SPEC = ToolSpec(
                "and a port.", metavar="ADDR:PORT", default=DEFAULT_LISTEN, parse=lambda v: parse_listen(v)),
         Option("top_remotes", ("--top-remotes",), "Also count per remote address and serve the K busiest "
                "(off by default: one series per address).", metavar="K", range=(1, MAX_TOP_REMOTES)),
+        Option("web_config", ("--web-config",), "Serve over TLS and/or with basic auth, as this file says "
+               "(Prometheus exporter-toolkit format, as node_exporter's --web.config.file); read at start.",
+               metavar="FILE"),
     ),
-    configure=lambda values, symbols: Settings(
-        defines={"TOP_REMOTES": min(65536, max(1024, 16 * values["top_remotes"]))} if values.get("top_remotes")
-        else {}),
-    btf={"tcp_sock": ("bytes_acked", "bytes_received"), "sock": ("sk_err",)},
+    configure=configure,
+    btf={"tcp_sock": ("bytes_acked", "bytes_received"), "sock": ("sk_err",),
+         "sk_buff": ("head", "network_header", "sk"), "sock_common": ("skc_num",)},
     examples=(
         Example("tcptrace exporter", f"serve on {DEFAULT_LISTEN}"),
         Example("tcptrace exporter --listen 0.0.0.0:9464", "on every IPv4 address"),
@@ -229,6 +312,7 @@ class Snapshot:
     lost: int = 0
     untracked: int = 0
     remotes: list = field(default_factory=list)  # (address text, connections, retransmits)
+    drops: dict = field(default_factory=dict)  # drop reason number -> count
 
 
 def sum_cpus(per_cpu):
@@ -245,6 +329,22 @@ def sum_cpus(per_cpu):
         start = COUNTERS.offsets[name] // 8
         count = int(ftype[4:-1]) if "[" in ftype else 0
         out[name] = total[start : start + count] if count else total[start]
+    return out
+
+
+def sum_drops(per_cpu, slots, beyond=()):
+    """{reason number: count} of the drops array's per-CPU copies and of
+    the reasons past it (the hash's (key, value) bytes); zeros left out."""
+    total = [0] * slots
+    for raw in per_cpu:
+        values = array.array("Q", raw[: slots * 8])
+        if len(values) != slots:
+            raise ValueError(f"a per-CPU value of {len(raw)} bytes, expected {slots * 8}")
+        total = [a + b for a, b in zip(total, values)]
+    out = {reason: count for reason, count in enumerate(total) if count}
+    for key, value in beyond:
+        reason = int.from_bytes(key[:4], sys.byteorder)
+        out[reason] = out.get(reason, 0) + int.from_bytes(value[:8], sys.byteorder)
     return out
 
 
@@ -313,6 +413,48 @@ def connect_results(c):
     return results
 
 
+def known_series(ctx, health):
+    """The label values of each counter that are known before any event,
+    for the tracepoints this run is attached to: {metric name: [labels]}."""
+    attached = set(health["attached"])
+    out = {PREFIX + "tcp_state_transitions_total": list(TRANSITIONS),
+           PREFIX + "tcp_connects_total": [(r,) for r in (CONNECT_RESULTS if "sock.sk_err" in ctx.btf
+                                                         else CONNECT_RESULTS_NO_BTF)]}
+    if "tcp:tcp_retransmit_skb" in attached:
+        out[PREFIX + "tcp_retransmits_total"] = [(s,) for s in RETRANSMIT_STATES]
+    resets_known = []
+    if "tcp:tcp_send_reset" in attached:
+        table = ctx.symbols.get(resets.REASON_SYMBOLS)
+        names = [name for number, name in sorted(table.items()) if name != SENTINEL] if table else ["none"]
+        resets_known += [("sent", name) for name in names]
+    if "tcp:tcp_receive_reset" in attached:
+        resets_known.append(("received", "none"))
+    out[PREFIX + "tcp_resets_total"] = resets_known
+    if counts_drops(ctx, health):
+        out[PREFIX + "tcp_drops_total"] = [(name,) for _number, name in sorted(drop_reasons(ctx.symbols).items())]
+    return out
+
+
+def counts_drops(ctx, health):
+    """Whether drops are counted: the tracepoint with its reason, and the
+    packet's headers (BTF) to tell TCP apart."""
+    return (DROPS.name in health["attached"] and drops.REASON_SYMBOLS in ctx.symbols
+            and "sk_buff.head" in ctx.btf and "sk_buff.network_header" in ctx.btf)
+
+
+def counter_family(name, counts, known):
+    """A counter family: the known label values first (0 until counted),
+    then any other that was counted."""
+    family = _family(name)
+    counts = dict(counts)
+    for labels in known:
+        family.add_metric(list(labels), counts.pop(labels, 0))
+    for labels, count in counts.items():
+        if count:
+            family.add_metric(list(labels), count)
+    return family
+
+
 def families(snapshot, ctx, health, top_remotes=0):
     """Every metric family of one scrape. `health` holds the build info and
     what is attached; `snapshot` is None when the counters could not be read."""
@@ -334,12 +476,16 @@ def families(snapshot, ctx, health, top_remotes=0):
         return out
 
     c = snapshot.counters
-    transitions = _family(PREFIX + "tcp_state_transitions_total")
+    known = known_series(ctx, health)
+
+    def add(name, counts):
+        out.append(counter_family(PREFIX + name, counts, known.get(PREFIX + name, ())))
+
+    moves = {}
     for slot, count in enumerate(c["transitions"]):
-        if count:
-            old, new = divmod(slot, STATE_SLOTS)
-            transitions.add_metric([tcpstate.name(old), tcpstate.name(new)], count)
-    out.append(transitions)
+        old, new = divmod(slot, STATE_SLOTS)
+        moves[(tcpstate.name(old), tcpstate.name(new))] = count
+    add("tcp_state_transitions_total", moves)
 
     for name, key, powers, scale in (
         ("tcp_session_duration_seconds", "duration_ns", DURATION_POWERS, 1e-9),
@@ -350,31 +496,23 @@ def families(snapshot, ctx, health, top_remotes=0):
         hist.add_metric([], histogram_buckets(c[key], powers, scale), c[key + "_sum"] * scale)
         out.append(hist)
 
-    retrans = _family(PREFIX + "tcp_retransmits_total")
-    for state, count in enumerate(c["retransmits"]):
-        if count:
-            retrans.add_metric([tcpstate.name(state) if state else "unknown"], count)
-    out.append(retrans)
+    add("tcp_retransmits_total",
+        {(tcpstate.name(state) if state else "unknown",): count for state, count in enumerate(c["retransmits"])})
     synack = _family(PREFIX + "tcp_synack_retransmits_total")
     synack.add_metric([], c["synack_retransmits"])
     out.append(synack)
 
-    reset_family = _family(PREFIX + "tcp_resets_total")
-    sent = {}
+    resets_counted = {}
     for slot, count in enumerate(c["resets_sent"]):
-        if count:
-            reason = reset_reason(slot, ctx)
-            sent[reason] = sent.get(reason, 0) + count
-    for reason, count in sent.items():
-        reset_family.add_metric(["sent", reason], count)
-    if c["resets_received"]:
-        reset_family.add_metric(["received", "none"], c["resets_received"])
-    out.append(reset_family)
+        key = ("sent", reset_reason(slot, ctx))
+        resets_counted[key] = resets_counted.get(key, 0) + count
+    resets_counted[("received", "none")] = c["resets_received"]
+    add("tcp_resets_total", resets_counted)
 
-    connects = _family(PREFIX + "tcp_connects_total")
-    for result, count in connect_results(c).items():
-        connects.add_metric([result], count)
-    out.append(connects)
+    add("tcp_connects_total", {(result,): count for result, count in connect_results(c).items()})
+
+    if counts_drops(ctx, health):
+        add("tcp_drops_total", {(drops.reason_name(reason, ctx),): count for reason, count in snapshot.drops.items()})
 
     if top_remotes:
         for name, index in (("remote_connections_total", 1), ("remote_retransmits_total", 2)):
@@ -401,7 +539,7 @@ class Collector:
         self.top_remotes = top_remotes
         self.lock = threading.Lock()
         self.failed = False
-        self.ctx = DecodeContext(symbols=session.ctx.symbols)
+        self.ctx = DecodeContext(symbols=session.ctx.symbols, btf=session.ctx.btf)
         self.health = {
             "kernel": os.uname().release,
             "bcc": session.program.bcc_version,
@@ -409,13 +547,17 @@ class Collector:
             "tracepoints": [tp.name for tp in session.spec.tracepoints],
             "attached": list(session.attached),
         }
+        self.drops = counts_drops(self.ctx, self.health)
+        self.drop_slots = drop_slots(self.ctx.symbols)
 
     def snapshot(self):
         session = self.session
         counters = sum_cpus(session.read_percpu("metrics"))
         session.read_stats()
         remotes = decode_remotes(session.read_table("remotes")) if self.top_remotes else []
-        return Snapshot(counters, session.losses.lost, session.losses.untracked, remotes)
+        dropped = (sum_drops(session.read_percpu("drops"), self.drop_slots, session.read_table("drops_beyond"))
+                   if self.drops else {})
+        return Snapshot(counters, session.losses.lost, session.losses.untracked, remotes, dropped)
 
     def collect(self):
         with self.lock:
@@ -452,56 +594,67 @@ def parse_listen(value):
 
 
 def bind(host, port, version):
-    """The HTTP server, bound before any BPF work so that a port in use
-    fails fast; its app is set once the program is attached."""
+    """A socket bound to the address, before any BPF work, so that a port in
+    use fails fast; it listens once the programs are attached (until then a
+    scraper is refused, not kept waiting)."""
     import socket
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, *args):  # stdout and stderr stay for tcptrace's own lines
-            pass
-
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        address_family = socket.AF_INET6 if version == 6 else socket.AF_INET
-
+    where = f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
+    sock = socket.socket(socket.AF_INET6 if version == 6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        return Server((host, port), Quiet)
+        # A restart must not wait out the last run's TIME_WAIT connections;
+        # a live listener on the port still makes bind() fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as e:
-        where = f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
-        raise TcptraceError(f"cannot listen on {where} ({e.strerror or e}): pick another with --listen.")
+        sock.close()
+        raise TcptraceError(f"cannot listen on {where} ({e.strerror or e}): pick another with --listen.") from None
+    return sock
 
 
 def serve(listen, opts, top_remotes=0, err=sys.stderr):
-    """Bind, load, attach, serve until SIGINT/SIGTERM/SIGHUP; returns the exit status."""
-    from prometheus_client import CollectorRegistry, make_wsgi_app
+    """Read the web config, bind, load, attach, serve until SIGINT/SIGTERM/SIGHUP;
+    returns the exit status. Under systemd (Type=notify) it says READY=1 once
+    /metrics serves, WATCHDOG=1 while the serving loop runs, STOPPING=1 at the end."""
+    from prometheus_client import CollectorRegistry
 
-    from . import runtime
+    from . import runtime, sdnotify, webconfig
 
+    path = (opts.tool or {}).get("web_config")
+    config = webconfig.load(path) if path else webconfig.WebConfig()  # a bad file ends here: exit 2
     host, port, version = listen
-    server = bind(host, port, version)
+    sock = bind(host, port, version)
     session = runtime.Session(SPEC, opts, writer=None, err=err, buffer=False)
-    thread = None
+    server = None
     try:
         session.open()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(session, top_remotes))
-        server.set_app(make_wsgi_app(registry))
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        thread.start()
+        server = webconfig.MetricsServer(sock, registry, config).start()
         where = f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
+        url = f"{server.scheme}://{where}/metrics"
         missing = [tp.name for tp in SPEC.tracepoints if tp.name not in session.attached]
         lacks = f" (this kernel lacks {', '.join(missing)})" if missing else ""
-        session.announce(f"serving metrics on http://{where}/metrics{lacks}")
+        session.announce(f"serving metrics on {url}{lacks}")
+        sdnotify.notify(f"READY=1\nSTATUS=serving metrics on {url}")
+        watchdog = sdnotify.watchdog_interval()
+        ping_every = watchdog / 2 if watchdog else None
+        next_ping = time.monotonic()
         with runtime.Stopper() as stopper:
             while not stopper.stop:
+                now = time.monotonic()
+                # Only a serving loop that went round lately earns the ping:
+                # a hung server thread makes systemd restart the exporter.
+                if ping_every and now >= next_ping and server.serving_within(ping_every):
+                    sdnotify.notify("WATCHDOG=1")
+                    next_ping = now + ping_every
                 time.sleep(0.2)
     finally:
-        if thread is not None:
-            server.shutdown()
-        server.server_close()
+        sdnotify.notify("STOPPING=1")
+        if server is not None:
+            server.stop()
+        else:
+            sock.close()
         session.close()
     return EXIT_OK
 

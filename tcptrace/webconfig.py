@@ -342,6 +342,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
         self.tls = config.tls
         self.set_app(make_app(make_wsgi_app(registry), BasicAuth(config.users) if config.users else None))
         self.thread = None
+        self.last_round = time.monotonic()  # when the serving loop last went round
 
     @property
     def scheme(self):
@@ -371,6 +372,16 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
 
     def handle_error(self, request, client_address):
         pass  # a client that went away mid-request is not tcptrace's failure
+
+    def service_actions(self):
+        # serve_forever() calls this on each round of its loop (every
+        # poll_interval at least): the loop's heartbeat, for the watchdog.
+        self.last_round = time.monotonic()
+
+    def serving_within(self, seconds):
+        """True if the serving loop is alive and went round in the last `seconds`."""
+        alive = self.thread is not None and self.thread.is_alive()
+        return alive and time.monotonic() - self.last_round <= seconds
 
     def start(self):
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.path.join(ROOT, "tests", "peer.py")
 READY_TIMEOUT = 60
 ENVELOPE = ("ts", "ts_mono", "host", "tool", "schema")  # output.ENVELOPE, spelled out so a change shows
+ANNOUNCED = re.compile(r"^tcptrace [a-z]+: .*; Ctrl-C to end$")  # session.announce()
 _RFC3339_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -66,18 +67,26 @@ def read_until(stream, done, what, timeout=READY_TIMEOUT):
     return lines
 
 
+def announced(line):
+    """Whether a line of stderr is the one every tool prints once its
+    programs are attached ("tcptrace states: tracing ...; Ctrl-C to end")."""
+    return bool(ANNOUNCED.match(line))
+
+
 def ready(proc, timeout=READY_TIMEOUT):
-    """Wait for a --verbose tracer's ready line on its stderr (a pipe); the
-    stderr read so far."""
-    return "".join(read_until(proc.stderr, lambda lines: "ready in" in lines[-1], "tcptrace to attach", timeout))
+    """Wait for a tool's line saying that tracing has begun on its stderr
+    (a pipe); the stderr read so far."""
+    return "".join(read_until(proc.stderr, lambda lines: announced(lines[-1]), "tcptrace to attach", timeout))
 
 
 class Tracer:
-    """tcptrace in a subprocess: started, awaited until attached, stopped
-    with a signal, its stdout and stderr kept."""
+    """tcptrace in a subprocess: started, awaited until it says tracing has
+    begun, stopped with a signal, its stdout and stderr kept. `prefix` runs
+    it under another program (setpriv ...)."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, prefix=()):
         self.args = list(args)
+        self.prefix = list(prefix)
         self.env = dict(os.environ, **(env or {}))
         self.stderr_lines = []
         self.stdout = ""
@@ -86,7 +95,7 @@ class Tracer:
 
     def __enter__(self):
         self.proc = subprocess.Popen(
-            tcptrace_cmd(*self.args, "--verbose"),
+            [*self.prefix, *tcptrace_cmd(*self.args, "--verbose")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=ROOT,
         )
         self._stdout_chunks = []
@@ -102,7 +111,7 @@ class Tracer:
     def _read_stderr(self):
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
-            if "ready in" in line:
+            if announced(line):
                 self._ready.set()
         self._ready.set()
 

@@ -11,13 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 import yaml
 
-from helpers import ROOT, free_port, must_run, tcptrace_cmd
+from helpers import ROOT, free_port, must_run, ready, tcptrace_cmd
 from tcptrace import exporter
 
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -265,25 +264,25 @@ def test_image_runs_the_exporter():
 # -- the unit's capabilities, for real ------------------------------------------------
 
 
-def serves_with_only(bpf_caps):
-    """Start the exporter as root with only these capabilities in its
-    bounding set (and no new privileges, as the unit says); scrape it once."""
+def serves_as(uid, caps):
+    """Start the exporter as this uid with exactly these capabilities and no
+    new privileges: for the unit, uid 65534 with them ambient (what
+    DynamicUser= and AmbientCapabilities= give); for the pod, uid 0 with a
+    bounding set of them. Scrape it once; (the text, its CapEff)."""
     port = free_port()
-    bounding = "-all," + ",".join("+" + c.lower().replace("cap_", "") for c in bpf_caps)
-    proc = subprocess.Popen(["setpriv", f"--bounding-set={bounding}", "--no-new-privs",
-                             *tcptrace_cmd("exporter", "--listen", f"127.0.0.1:{port}")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    given = ",".join(["-all"] + ["+" + c.lower().replace("cap_", "") for c in caps])
+    if uid == 0:
+        prefix = ["setpriv", f"--bounding-set={given}"]
+    else:
+        prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", f"--inh-caps={given}",
+                  f"--ambient-caps={given}", f"--bounding-set={given}"]
+    env = {k: v for k, v in os.environ.items() if k != "TCPTRACE_CACHE_DIR"}
+    proc = subprocess.Popen([*prefix, "--no-new-privs", *tcptrace_cmd("exporter", "--listen", f"127.0.0.1:{port}")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-                    text = r.read().decode()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "the exporter did not serve"
-                time.sleep(0.2)
+        ready(proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
         with open(f"/proc/{proc.pid}/status") as f:
             caps = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
     finally:
@@ -293,16 +292,16 @@ def serves_with_only(bpf_caps):
     return text, caps
 
 
-@pytest.mark.parametrize("caps", [
-    pytest.param(None, id="the-units-set"),
-    pytest.param(("CAP_BPF", "CAP_PERFMON"), id="bpf-and-perfmon-only"),
+@pytest.mark.parametrize("uid, caps", [
+    pytest.param(65534, None, id="the-units-user-and-set"),
+    pytest.param(0, tuple("CAP_" + c for c in sorted(POD_CAPS)), id="the-pods-uid-0-and-set"),
 ])
-def test_exporter_runs_with_the_units_capabilities(bpf, caps):
-    """With tracefs mounted, Linux 5.8+ needs only CAP_BPF and CAP_PERFMON."""
-    caps = caps or tuple(unit()["Service"]["CapabilityBoundingSet"].split())
-    text, effective = serves_with_only(caps)
-    assert "tcptrace_up 1.0" in text and "tcptrace_programs_loaded 5.0" in text
-    numbers = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39}
-    with open("/proc/self/status") as f:  # what this machine lets us have at all
-        ours = int(next(line for line in f if line.startswith("CapBnd:")).split()[1], 16)
-    assert effective == sum(1 << numbers[c] for c in caps) & ours
+def test_exporter_runs_with_exactly_the_capabilities_deployed(bpf, uid, caps):
+    """Linux 5.8+: a user needs CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH
+    (tracefs is root's); uid 0 owns tracefs and needs only the first two."""
+    caps = caps or tuple(unit()["Service"]["AmbientCapabilities"].split())
+    text, effective = serves_as(uid, caps)
+    assert "tcptrace_up 1.0" in text
+    assert f"tcptrace_programs_loaded {len(exporter.SPEC.tracepoints)}.0" in text
+    numbers = {"CAP_DAC_READ_SEARCH": 2, "CAP_PERFMON": 38, "CAP_BPF": 39}
+    assert effective == sum(1 << numbers[c] for c in caps)

@@ -5,7 +5,9 @@ rendered and parsed back as Prometheus reads them."""
 
 import os
 import re
+import shutil
 import struct
+import subprocess
 
 import pytest
 from click.testing import CliRunner
@@ -205,14 +207,14 @@ def counters(**values):
     return struct.pack(f"<{len(flat)}Q", *flat)
 
 
-def scrape(snapshot, top_remotes=0, symbols=None):
+def scrape(snapshot, top_remotes=0, symbols=None, ctx=None, health=HEALTH):
     """The families rendered as the exposition format and parsed back:
     {(sample name, labels): value}."""
-    ctx = DecodeContext(symbols={"tcp:tcp_send_reset.reason": symbols if symbols is not None else REASONS})
+    ctx = ctx or DecodeContext(symbols={"tcp:tcp_send_reset.reason": symbols if symbols is not None else REASONS})
 
     class Fixed:
         def collect(self):
-            return exporter.families(snapshot, ctx, HEALTH, top_remotes)
+            return exporter.families(snapshot, ctx, health, top_remotes)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Fixed())
@@ -247,7 +249,9 @@ def test_transitions_by_state_name():
     assert samples[(name, (("from", "CLOSE"), ("to", "SYN_SENT")))] == 5
     assert samples[(name, (("from", "SYN_SENT"), ("to", "ESTABLISHED")))] == 4
     assert samples[(name, (("from", "13"), ("to", "CLOSE")))] == 1  # a state the kernel may add later
-    assert len([k for k in samples if k[0] == name]) == 3  # only the ones that happened
+    # The changes the kernel makes are there from the start, at 0; another only once it happened.
+    assert len([k for k in samples if k[0] == name]) == len(exporter.TRANSITIONS) + 1
+    assert samples[(name, (("from", "LAST_ACK"), ("to", "CLOSE")))] == 0
 
 
 def test_histograms_are_cumulative_powers_of_two():
@@ -284,6 +288,9 @@ def test_resets_by_direction_and_kernel_reason():
         (("direction", "sent"), ("reason", "OTHER")): 1,
         (("direction", "sent"), ("reason", "none")): 3,
         (("direction", "received"), ("reason", "none")): 4,
+        # this kernel's other reasons, at 0 (HEALTH: tcp_send_reset attached)
+        (("direction", "sent"), ("reason", "NOT_SPECIFIED")): 0,
+        (("direction", "sent"), ("reason", "TCP_STATE")): 0,
     }
 
 
@@ -345,9 +352,136 @@ def test_remote_map_bytes_decode():
 def test_every_declared_metric_is_served_and_nothing_else():
     remotes = [("10.0.0.1", 1, 1)]
     full = counters(transitions={1: 1}, retransmits={1: 1}, resets_sent={1: 1}, connects_ok=1)
-    _samples, families, text = scrape(snapshot_of(full, remotes=remotes), top_remotes=5)
+    ctx, health = kernel_context("6.18")
+    _samples, families, text = scrape(snapshot_of(full, remotes=remotes), top_remotes=5, ctx=ctx, health=health)
     served = {f.name for f in families.values()}
     declared = {m.name[: -len("_total")] if m.kind == "counter" else m.name for m in exporter.METRICS}
     assert served == declared
     for m in exporter.METRICS:
         assert f"# HELP {m.name} {m.help}" in text.replace("\\\\", "\\"), m.name
+
+
+# -- series known in advance, and drops by reason -------------------------------------
+
+
+def kernel_context(kernel, btf_offsets=fixed_btf):
+    """The DecodeContext and health a run on a saved kernel would have:
+    its formats' symbol tables, BTF as given, every tracepoint it has attached."""
+    release, opts = kernel_options(kernel)
+    plan = runtime.plan(exporter.SPEC, opts, tracefs.FormatSource(os.path.join(FORMATS, kernel)),
+                        release=release, btf_offsets=btf_offsets)
+    health = dict(HEALTH, tracepoints=[tp.name for tp in exporter.SPEC.tracepoints], attached=list(plan.formats))
+    return DecodeContext(symbols=plan.symbols, btf=plan.btf), health
+
+
+def by_labels(samples, name):
+    return {k[1]: v for k, v in samples.items() if k[0] == name}
+
+
+def test_known_series_are_served_at_zero_from_the_first_scrape():
+    ctx, health = kernel_context("6.18")
+    samples, _fam, _text = scrape(snapshot_of(counters()), ctx=ctx, health=health)
+    moves = by_labels(samples, "tcptrace_tcp_state_transitions_total")
+    assert moves == {(("from", a), ("to", b)): 0 for a, b in exporter.TRANSITIONS}
+    assert {dict(k)["state"] for k in by_labels(samples, "tcptrace_tcp_retransmits_total")} == \
+        set(exporter.RETRANSMIT_STATES)
+    assert {dict(k)["result"] for k in by_labels(samples, "tcptrace_tcp_connects_total")} == \
+        set(exporter.CONNECT_RESULTS)  # with BTF: the socket's error names the failure
+    resets_seen = by_labels(samples, "tcptrace_tcp_resets_total")
+    table = tracefs.FormatSource(os.path.join(FORMATS, "6.18")).load("tcp:tcp_send_reset").symbols["reason"]
+    assert set(resets_seen) == {(("direction", "sent"), ("reason", n)) for n in table.values() if n != "MAX"} | {
+        (("direction", "received"), ("reason", "none"))}
+    assert (("direction", "sent"), ("reason", "TCP_ABORT_ON_CLOSE")) in resets_seen
+    drops_seen = {dict(k)["reason"] for k in by_labels(samples, "tcptrace_tcp_drops_total")}
+    reasons = tracefs.FormatSource(os.path.join(FORMATS, "6.18")).load("skb:kfree_skb").symbols["reason"]
+    skip = {n: r for r, n in reasons.items()}["NOT_SPECIFIED"]
+    assert drops_seen == {n for r, n in reasons.items() if r > skip and n != "MAX"}
+    assert {"NO_SOCKET", "TCP_CSUM", "NETFILTER_DROP"} <= drops_seen and "NOT_SPECIFIED" not in drops_seen
+    assert all(v == 0 for (name, _labels), v in samples.items() if name.startswith("tcptrace_tcp_")
+               and name.endswith("_total"))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_known_series_follow_each_kernel(kernel):
+    """Reasons only where the kernel has them; drops only with kfree_skb's reason (5.17+)."""
+    try:
+        ctx, health = kernel_context(kernel, btf_offsets=no_btf)
+    except KernelTooOldError:
+        return
+    samples, _fam, _text = scrape(snapshot_of(counters()), ctx=ctx, health=health)
+    fmt = tracefs.FormatSource(os.path.join(FORMATS, kernel))
+    kfree = fmt.load("skb:kfree_skb")
+    has_reasons = kfree is not None and kfree.has("reason")
+    assert has_reasons == ("skb:kfree_skb" in health["attached"])
+    # Without BTF nothing tells a TCP segment apart: no drops, and no error names.
+    assert not by_labels(samples, "tcptrace_tcp_drops_total")
+    assert {dict(k)["result"] for k in by_labels(samples, "tcptrace_tcp_connects_total")} == \
+        set(exporter.CONNECT_RESULTS_NO_BTF)
+    send_reset = fmt.load("tcp:tcp_send_reset")
+    resets_seen = [dict(k) for k in by_labels(samples, "tcptrace_tcp_resets_total")]
+    sent = {r["reason"] for r in resets_seen if r["direction"] == "sent"}
+    assert (sent == {"none"}) == (not send_reset.has("reason"))
+    ctx, health = kernel_context(kernel)
+    samples, _fam, _text = scrape(snapshot_of(counters()), ctx=ctx, health=health)
+    assert bool(by_labels(samples, "tcptrace_tcp_drops_total")) == has_reasons
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_drop_array_is_sized_from_the_kernels_reason_table(kernel):
+    release, opts = kernel_options(kernel)
+    try:
+        plan = runtime.plan(exporter.SPEC, opts, tracefs.FormatSource(os.path.join(FORMATS, kernel)),
+                            release=release, btf_offsets=fixed_btf)
+    except KernelTooOldError:
+        return
+    table = plan.symbols.get("skb:kfree_skb.reason")
+    if not table:
+        assert not re.search(r"^#define (DROP_REASON_SLOTS \d+|HAVE_KFREE_SKB 1)$", plan.text, re.M)
+        return
+    slots = int(re.search(r"^#define DROP_REASON_SLOTS (\d+)$", plan.text, re.M).group(1))
+    assert max(table) < slots < 2 * max(table) + 2 and slots & (slots - 1) == 0
+    skip = {n: r for r, n in table.items()}["NOT_SPECIFIED"]
+    assert f"#define DROP_SKIP_UPTO {skip}\n" in plan.text
+    assert "int on_kfree_skb(struct tp_kfree_skb *args)" in plan.text
+
+
+def test_drops_by_the_kernels_reason_names():
+    ctx, health = kernel_context("6.18")
+    slots = exporter.drop_slots(ctx.symbols)
+    names = {n: r for r, n in ctx.symbols["skb:kfree_skb.reason"].items()}
+
+    def cpu(**counts):
+        values = [0] * slots
+        for name, n in counts.items():
+            values[names[name] if name in names else int(name[1:])] = n
+        return struct.pack(f"<{slots}Q", *values)
+
+    beyond = [(struct.pack("<I", 0x30001), struct.pack("<Q", 2))]  # a subsystem's reason (openvswitch)
+    dropped = exporter.sum_drops([cpu(NO_SOCKET=3, TCP_CSUM=1), cpu(NO_SOCKET=2, r200=4)], slots, beyond)
+    assert dropped == {names["NO_SOCKET"]: 5, names["TCP_CSUM"]: 1, 200: 4, 0x30001: 2}
+    with pytest.raises(ValueError):
+        exporter.sum_drops([cpu()[:-8]], slots)
+    snap = exporter.Snapshot(exporter.sum_cpus([counters()]), drops=dropped)
+    samples, _fam, _text = scrape(snap, ctx=ctx, health=health)
+    got = {dict(k)["reason"]: v for k, v in by_labels(samples, "tcptrace_tcp_drops_total").items()}
+    assert got["NO_SOCKET"] == 5 and got["TCP_CSUM"] == 1 and got["NETFILTER_DROP"] == 0
+    assert got["200"] == 4 and got[str(0x30001)] == 2  # numbers this kernel's table lacks, as numbers
+    assert sum(got.values()) == 12
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+def test_exposition_passes_promtool_check_metrics():
+    """Prometheus' own linter on a full scrape (names, units, help, types)."""
+    if not PROMTOOL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool (Debian's prometheus package) must be installed in CI")
+        pytest.skip("promtool is not installed (make test-deps installs it)")
+    ctx, health = kernel_context("6.18")
+    full = counters(transitions={7 * 16 + 2: 1}, retransmits={1: 1}, resets_sent={1: 1}, connects_ok=1)
+    snap = exporter.Snapshot(exporter.sum_cpus([full]), remotes=[("10.0.0.1", 1, 1)], drops={3: 1})
+    _samples, _fam, text = scrape(snap, top_remotes=5, ctx=ctx, health=health)
+    proc = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stdout + proc.stderr

@@ -30,6 +30,7 @@ READY_TIMEOUT = 60
 N = 5  # sessions
 SIZE = 1000  # bytes each client sends: bytes_acked counts SYN and FIN too, 1002 (bucket le=1024)
 LOSS_SIZE = 2_000_000
+PROGRAMS = 6  # one per tracepoint: inet_sock_set_state, four tcp:*, skb:kfree_skb (6.18)
 
 
 class Exporter:
@@ -94,8 +95,9 @@ class Exporter:
 
 
 def series(samples, name):
-    """{labels dict as a tuple of pairs: value} of one sample name."""
-    return {labels: value for (n, labels), value in samples.items() if n == name}
+    """{labels dict as a tuple of pairs: value} of one sample name, the
+    series served at 0 before any event left out."""
+    return {labels: value for (n, labels), value in samples.items() if n == name and value}
 
 
 def by_label(samples, name, label):
@@ -108,6 +110,11 @@ def value(samples, name, **labels):
 
 def transitions(samples):
     return {(dict(l)["from"], dict(l)["to"]): v for l, v in series(samples, "tcptrace_tcp_state_transitions_total").items()}
+
+
+def served(samples, name):
+    """Every series of one sample name, those at 0 included."""
+    return {labels: value for (n, labels), value in samples.items() if n == name}
 
 
 def bucket(samples, name, le):
@@ -183,7 +190,7 @@ def test_sessions_connects_and_resets_on_loopback(bpf):
     assert value(e, "tcptrace_tcp_resets_total", direction="sent", reason=kernel_reason("NO_SOCKET")) >= 1
 
     for s in (c, r, e):
-        assert s[("tcptrace_up", ())] == 1 and s[("tcptrace_programs_loaded", ())] == 5
+        assert s[("tcptrace_up", ())] == 1 and s[("tcptrace_programs_loaded", ())] == PROGRAMS
         assert s[("tcptrace_lost_events_total", ())] == 0 and s[("tcptrace_untracked_sockets_total", ())] == 0
         assert set(by_label(s, "tcptrace_tracepoint_attached", "tracepoint").values()) == {1}
 
@@ -278,7 +285,7 @@ def test_restarts_cleanly(bpf):
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         with Exporter(port=port) as exp:
             programs = bpf_programs_of(exp.proc.pid)
-            assert len(programs) == 5
+            assert len(programs) == PROGRAMS
             assert value(exp.scrape(), "tcptrace_up") == 1
             assert exp.stop(sig) == 0, exp.stderr
         assert "Traceback" not in exp.stderr
@@ -310,3 +317,76 @@ def test_not_root_is_a_privilege_error(bpf):
                           capture_output=True, text=True, cwd=ROOT, timeout=60, env=dict(os.environ))
     assert proc.returncode == 4, proc.stderr
     assert "CAP_BPF" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- series known in advance, and drops by the kernel's reason ------------------------
+
+
+def live_table(tracepoint):
+    fmt = tracefs.FormatSource(tracefs.ensure_mounted()).load(tracepoint)
+    return fmt.symbols.get("reason", {}) if fmt else {}
+
+
+def test_known_series_exist_at_zero_from_the_first_scrape(bpf):
+    """Before any event (a port nothing uses): every state change the kernel
+    makes, this kernel's reset and drop reasons, the connect results and the
+    retransmit states are served, at 0."""
+    from tcptrace import exporter
+
+    with Exporter("-L", str(free_port())) as exp:
+        first = exp.scrape()
+    assert exp.returncode == 0, exp.stderr
+    assert served(first, "tcptrace_tcp_state_transitions_total") == {
+        (("from", a), ("to", b)): 0 for a, b in exporter.TRANSITIONS}
+    assert served(first, "tcptrace_tcp_retransmits_total") == {(("state", s),): 0 for s in exporter.RETRANSMIT_STATES}
+    assert served(first, "tcptrace_tcp_connects_total") == {(("result", r),): 0 for r in exporter.CONNECT_RESULTS}
+    resets = live_table("tcp:tcp_send_reset")
+    sent = [n for n in resets.values() if n != "MAX"] or ["none"]
+    assert served(first, "tcptrace_tcp_resets_total") == {
+        **{(("direction", "sent"), ("reason", n)): 0 for n in sent}, (("direction", "received"), ("reason", "none")): 0}
+    reasons = live_table("skb:kfree_skb")
+    skip = {n: r for r, n in reasons.items()}["NOT_SPECIFIED"]
+    expected = {(("reason", n),): 0 for r, n in reasons.items() if r > skip and n != "MAX"}
+    assert served(first, "tcptrace_tcp_drops_total") == expected and len(expected) > 50
+
+
+def test_drops_no_socket_on_loopback(bpf):
+    """SYNs to a closed port, IPv4 and IPv6: one NO_SOCKET drop each, as
+    `tcptrace drops -c` counts them in the same run."""
+    closed = free_port()
+    with socket.socket(socket.AF_INET6) as s:  # the same port free on ::1 too
+        s.bind(("::1", closed))
+    with Exporter("-L", str(closed)) as exp, Tracer("drops", "-c", "-o", "json", "-L", str(closed)) as counts:
+        for host, times in (("127.0.0.1", 3), ("::1", 2)):
+            for _ in range(times):
+                assert Endpoint("client", host, closed).outcome() == "refused"
+        samples = settled(exp, lambda s: value(s, "tcptrace_tcp_drops_total", reason="NO_SOCKET") == 5,
+                          "the NO_SOCKET drops")
+        assert counts.stop() == 0, counts.stderr
+    assert exp.returncode == 0 and "Traceback" not in exp.stderr
+    assert by_label(samples, "tcptrace_tcp_drops_total", "reason") == {"NO_SOCKET": 5}
+    assert counts.json_rows() == [{"reason": "NO_SOCKET", "lport": None, "count": 5}]
+    assert samples[("tcptrace_lost_events_total", ())] == 0
+
+
+def test_drops_netfilter_in_a_namespace(bpf):
+    """An nftables rule drops every SYN to a port: one NETFILTER_DROP per
+    SYN the client sent (the first and its retries, nstat's TCPSynRetrans),
+    and none counted for other ports (-L)."""
+    port, other = ports()
+    with LinkPair() as link:
+        link.drop_input(link.receiver, f"tcp dport {port}")
+        before = nstat(link, link.sender, "TcpExtTCPSynRetrans")
+        with Exporter("-L", str(port)) as exp, Exporter("-L", str(other)) as elsewhere, \
+                Tracer("drops", "-c", "-o", "json", "-L", str(port)) as counts:
+            client = Endpoint("client", RECEIVER_ADDR, port, "--syncnt", 1, "--give-up", 2.5, netns=link.sender)
+            assert client.outcome() in ("timeout", "gave-up")
+            syns = 1 + nstat(link, link.sender, "TcpExtTCPSynRetrans") - before
+            samples = settled(exp, lambda s: value(s, "tcptrace_tcp_drops_total", reason="NETFILTER_DROP") == syns,
+                              "the NETFILTER_DROP drops")
+            assert counts.stop() == 0, counts.stderr
+            others = elsewhere.scrape()
+    assert syns >= 2
+    assert by_label(samples, "tcptrace_tcp_drops_total", "reason") == {"NETFILTER_DROP": syns}
+    assert counts.json_rows() == [{"reason": "NETFILTER_DROP", "lport": None, "count": syns}]
+    assert by_label(others, "tcptrace_tcp_drops_total", "reason") == {}

@@ -74,7 +74,7 @@ def test_tracefs_mounted_when_missing(bpf, report):
     )
     result = run(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     assert result.returncode == 0, result.stderr
-    assert "ready in" in result.stderr
+    assert "tcptrace states: tracing TCP state changes for 0.2 s; Ctrl-C to end" in result.stderr
     report("Faults", 'tracefs unmounted, run as root', f"exit {result.returncode}: {one_sentence(result.stderr)}")
 
 

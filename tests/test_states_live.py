@@ -177,8 +177,9 @@ subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 open("/proc/sys/net/ipv4/ip_local_port_range", "w").write("{port} {port}")
 tracer = subprocess.Popen({tcptrace_cmd("states", "-o", "json", "-L", str(port), "--verbose")!r},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-while "ready in" not in tracer.stderr.readline():
-    pass
+for line in tracer.stderr:  # until it says tracing has begun
+    if line.endswith("; Ctrl-C to end\\n"):
+        break
 srv = socket.create_server(("127.0.0.1", 5000))
 c = socket.create_connection(srv.getsockname())
 a, _ = srv.accept()

@@ -7,7 +7,8 @@
  * session lifespans and bytes, and how connects end; optional ones, each
  * feeding its own metrics: tcp:tcp_retransmit_skb and
  * tcp:tcp_retransmit_synack (4.15+), tcp:tcp_send_reset (4.16+; a reason
- * since 6.10) and tcp:tcp_receive_reset (4.16+).
+ * since 6.10), tcp:tcp_receive_reset (4.16+) and skb:kfree_skb with its
+ * reason (5.17+) for TCP drops.
  *
  * Everything is counted in one struct per CPU (a per-CPU array of one
  * entry): no atomic operation, no lock, and user space sums the CPUs' copies
@@ -27,6 +28,9 @@
  *   6.18 reports them) are left out; the state is the tracepoint's.
  * - Resets sent are counted by the kernel's reason (tcp_send_reset.reason,
  *   6.10+); the names come from the running kernel's format file.
+ * - Drops (drops.bpf.c) are TCP segments freed by kfree_skb with a reason
+ *   past NOT_SPECIFIED (DROP_SKIP_UPTO), counted by reason number in an
+ *   array sized from the format's reason table (DROP_REASON_SLOTS).
  * The local port of a connecting socket is chosen after CLOSE->SYN_SENT, so
  * -L/-D are checked when a session or a connect ends, and at every change.
  *
@@ -315,6 +319,133 @@ int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
 	struct metrics *m = counters();
 	if (m)
 		m->resets_received++;
+	return 0;
+}
+#endif
+
+#ifdef HAVE_KFREE_SKB
+/*
+ * kfree_skb fires for every packet of every protocol the kernel drops, so
+ * the work is ordered by cost: the record's ethertype (host order) and
+ * reason first, then the IP header read from the packet at skb->head +
+ * skb->network_header (offsets from BTF; without them TCP cannot be told
+ * apart and nothing is counted), as drops.bpf.c decides it: IPv4 carrying
+ * TCP and not a later fragment, or IPv6 whose next header is TCP.
+ */
+#if defined(DROP_REASON_SLOTS) && defined(OFF_SK_BUFF_HEAD) && defined(OFF_SK_BUFF_NETWORK_HEADER)
+#define COUNT_DROPS 1
+#endif
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+
+#ifdef COUNT_DROPS
+struct drop_counts {
+	u64 reasons[DROP_REASON_SLOTS];
+};
+
+BPF_PERCPU_ARRAY(drops, struct drop_counts, 1);
+/* Reasons past the format's table: subsystem reasons carry their subsystem
+ * in the high bits (SKB_DROP_REASON_SUBSYS_SHIFT, 6.4+). */
+BPF_HASH(drops_beyond, u32, u64, DROPS_BEYOND);
+
+/* The segment's TCP header offset from the network header and its family,
+ * or 0 when the packet is not TCP (or not one whose ports can be read). */
+static __always_inline u32 tcp_offset(u16 protocol, u64 skb, u64 *nh_addr, u16 *family)
+{
+	u64 head = 0;
+	u16 nh = 0;
+	u8 ip[10] = {};
+
+	if (read_kernel(&head, sizeof(head), (void *)(skb + OFF_SK_BUFF_HEAD)) ||
+	    read_kernel(&nh, sizeof(nh), (void *)(skb + OFF_SK_BUFF_NETWORK_HEADER)) || !head || nh == 0xffff)
+		return 0;
+	*nh_addr = head + nh;
+	if (read_kernel(ip, sizeof(ip), (void *)*nh_addr))
+		return 0;
+	if (protocol == ETH_P_IP && ip[0] >> 4 == 4) {
+		u32 ihl = (ip[0] & 0x0f) * 4;
+		u16 fragment = ((u16)(ip[6] & 0x1f) << 8) | ip[7];
+
+		if (ip[9] != IPPROTO_TCP || ihl < 20 || fragment)
+			return 0;
+		*family = AF_INET;
+		return ihl;
+	}
+	if (protocol == ETH_P_IPV6 && ip[0] >> 4 == 6 && ip[6] == IPPROTO_TCP) {
+		*family = AF_INET6;
+		return 40;
+	}
+	return 0;
+}
+
+#if defined(FILTER_LPORTS) || defined(FILTER_RPORTS)
+/* -L/-D as `tcptrace drops` applies them: the local end is the socket's own
+ * port when the segment was being sent from it, else the destination. */
+static __always_inline int drop_ports_ok(struct tp_kfree_skb *args, u64 skb, u64 tcp)
+{
+	u16 ports[2] = {};
+	u64 sk = 0;
+
+	if (read_kernel(ports, sizeof(ports), (void *)tcp))
+		return 0;
+	u16 sport = __builtin_bswap16(ports[0]), dport = __builtin_bswap16(ports[1]);
+#ifdef HAS_KFREE_SKB_RX_SK
+	sk = args->rx_sk;
+#endif
+#ifdef OFF_SK_BUFF_SK
+	if (!sk)
+		read_kernel(&sk, sizeof(sk), (void *)(skb + OFF_SK_BUFF_SK));
+#endif
+#ifdef OFF_SOCK_COMMON_SKC_NUM
+	u16 num = 0;
+
+	if (sk && read_kernel(&num, sizeof(num), (void *)(sk + OFF_SOCK_COMMON_SKC_NUM)) == 0 && num == sport &&
+	    num != dport)
+		return ports_ok(sport, dport);
+#endif
+	return ports_ok(dport, sport);
+}
+#endif
+#endif /* COUNT_DROPS */
+
+int on_kfree_skb(struct tp_kfree_skb *args)
+{
+#ifdef COUNT_DROPS
+	u16 protocol = args->protocol;
+	u32 reason = args->reason;
+
+	if (protocol != ETH_P_IP && protocol != ETH_P_IPV6)
+		return 0;
+#ifdef DROP_SKIP_UPTO
+	if (reason <= DROP_SKIP_UPTO)
+		return 0;
+#endif
+	u64 skb = args->skbaddr, nh = 0;
+	u16 family = 0;
+	u32 offset = tcp_offset(protocol, skb, &nh, &family);
+
+	if (!offset || !family_ok(family))
+		return 0;
+#if defined(FILTER_LPORTS) || defined(FILTER_RPORTS)
+	if (!drop_ports_ok(args, skb, nh + offset))
+		return 0;
+#endif
+	if (reason < DROP_REASON_SLOTS) {
+		u32 zero = 0;
+		struct drop_counts *d = drops.lookup(&zero);
+
+		if (d)
+			d->reasons[SLOT(reason, DROP_REASON_SLOTS)]++;
+		return 0;
+	}
+	u64 none = 0;
+	u64 *count = drops_beyond.lookup_or_try_init(&reason, &none);
+
+	if (count)
+		__sync_fetch_and_add(count, 1);
+	else
+		stat_inc(STAT_LOST_OUTPUT); /* a drop that could not be counted */
+#endif
 	return 0;
 }
 #endif

@@ -17,11 +17,11 @@ import json
 import os
 import platform
 import re
-import stat
 import struct
 import sys
 from dataclasses import dataclass, field
 
+from .. import btf
 from ..errors import CacheError, Unsupported
 
 FORMAT = 1  # of Compiled's JSON; a change of shape must change it (it is in the cache key)
@@ -214,53 +214,21 @@ def cache_key(text, release, bcc_version, uname_version=None, machine=None):
 
 
 def cache_path(text, release, bcc_version, directory=None, uname_version=None):
-    from .. import btf
-
     return os.path.join(directory or btf.cache_dir(),
                         f"prog-{cache_key(text, release, bcc_version, uname_version)[:40]}.json")
 
 
-def trusted(st, euid=None, directory=False):
-    """Why a file (or directory) with this stat may not be trusted, or None.
-
-    The cache holds code this process loads into the kernel as root: only
-    root or this user may own it, and nobody else may write it. A directory
-    others may write into is fine only with the sticky bit (as /tmp)."""
-    euid = os.geteuid() if euid is None else euid
-    if st.st_uid not in (0, euid):
-        return f"it is owned by uid {st.st_uid}"
-    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if directory:
-        if not stat.S_ISDIR(st.st_mode):
-            return "it is not a directory"
-        if writable and not st.st_mode & stat.S_ISVTX:
-            return "others may write into it"
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return "it is not a regular file"
-    if writable:
-        return "others may write it"
-    return None
+# The cache holds code this process loads into the kernel: the same owner
+# and mode rules as the BTF offsets (btf.trusted).
+trusted = btf.trusted
 
 
 def read_cache(path):
     """The Compiled saved at path; None when there is none; CacheError when
     there is one that must not be used."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+    data = btf.read_cached(path, "cached program")
+    if data is None:
         return None
-    except OSError as e:
-        raise CacheError(f"the cached program {path} cannot be opened ({e.strerror}).") from None
-    try:
-        # fstat of the opened file: what is checked is what is read.
-        why = trusted(os.fstat(fd)) or trusted(os.stat(os.path.dirname(path) or "."), directory=True)
-        if why:
-            raise CacheError(f"the cached program {path} is not used: {why}.")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-    finally:
-        os.close(fd)
     try:
         return Compiled.from_json(data.decode())
     except (ValueError, UnicodeDecodeError) as e:
@@ -270,29 +238,7 @@ def read_cache(path):
 def write_cache(path, compiled):
     """Save compiled at path, whole or not at all; False when it cannot be
     written (a read-only cache only costs start-up time)."""
-    import tempfile  # here: only a miss writes, and tempfile imports random and shutil
-
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if trusted(os.stat(directory), directory=True):
-            return False  # it would be refused when read
-        fd, tmp = tempfile.mkstemp(prefix=".prog-", suffix=".tmp", dir=directory)  # mode 0600
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(compiled.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        return False
+    return btf.write_cached(path, compiled.to_json().encode(), prefix=".prog-")
 
 
 _VERSION_RE = re.compile(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", re.M)

@@ -68,17 +68,26 @@ def check_privileges(caps=None, version=None):
 
 
 def check_memlock(version=None, limit=None):
-    """Before 5.11 BPF maps count against RLIMIT_MEMLOCK, which only root
-    (CAP_SYS_RESOURCE) may raise past its hard limit."""
+    """Before 5.11 BPF maps and programs count against RLIMIT_MEMLOCK, whose
+    hard limit only CAP_SYS_RESOURCE may raise: a hard limit too low for the
+    maps is named here. The soft limit is raised to the hard one (which needs
+    no privilege), so that neither bcc nor the cached loader need more.
+    `limit` (soft, hard) stands for this process's own, which is then left alone."""
     version = version or kernel_version()
     if version >= MEMCG_SINCE:
         return
-    soft, hard = limit or resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    own = limit is None
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK) if own else limit
     if hard != resource.RLIM_INFINITY and hard < MEMLOCK_NEEDED:
         raise PrivilegeError(
             f"the locked-memory limit is {hard >> 10} KiB and Linux before 5.11 charges BPF maps to it: "
             f"raise it (ulimit -l unlimited, or LimitMEMLOCK=infinity in a systemd unit)."
         )
+    if own and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        except (ValueError, OSError):
+            pass  # the load itself then says what failed
 
 
 def formats_source(formats_dir=None):
