@@ -83,19 +83,66 @@ def files(release):
 
 
 def ensure(base_dir, release=None):
-    """Write the header set under base_dir (once per content) and return its path."""
+    """The header set under base_dir (written once per content): its path.
+
+    The compiler reads these files into programs loaded with this
+    process's privileges, so a set found there is used only when it is
+    exactly what would be written and nobody else could have written it
+    (owner and mode, no links, every directory on the way); else a new
+    private set is written beside it."""
+    import tempfile
+
     release = release or os.uname().release
     content = files(release)
     digest = hashlib.sha256(repr(sorted(content.items())).encode()).hexdigest()[:12]
+    os.makedirs(base_dir, mode=0o700, exist_ok=True)
+    if _untrusted(base_dir, directory=True):
+        raise OSError(f"{base_dir} may be written by others")
     root = os.path.join(base_dir, f"kheaders-{digest}")
-    marker = os.path.join(root, ".complete")
-    if os.path.exists(marker):
+    if os.path.exists(os.path.join(root, ".complete")) and _intact(root, content):
         return root
+    fresh = tempfile.mkdtemp(prefix=f"kheaders-{digest}-", dir=base_dir)  # mode 0700
     for rel, text in content.items():
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = os.path.join(fresh, rel)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
-    with open(marker, "w"):
+    with open(os.path.join(fresh, ".complete"), "w"):
         pass
-    return root
+    try:
+        os.rename(fresh, root)  # whole or not at all; fails when root exists
+        return root
+    except OSError:
+        return fresh  # a damaged or foreign set stays where it is, unused
+
+
+def _untrusted(path, directory=False):
+    from .btf import trusted
+
+    try:
+        return trusted(os.lstat(path), directory=directory)
+    except OSError as e:
+        return str(e)
+
+
+def _intact(root, content):
+    """True when root holds exactly content, in files and directories only
+    this user (or root) owns and only they may write."""
+    if _untrusted(root, directory=True):
+        return False
+    for rel, text in content.items():
+        path = os.path.join(root, rel)
+        parent = os.path.dirname(path)
+        while parent != root:
+            if _untrusted(parent, directory=True):
+                return False
+            parent = os.path.dirname(parent)
+        if _untrusted(path):
+            return False
+        try:
+            with open(path, "r", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as f:
+                if f.read() != text:
+                    return False
+        except OSError:
+            return False
+    return True

@@ -97,8 +97,10 @@ def build_attempts(release):
     or None for bcc's own search)."""
     try:
         kdir = headers.ensure(btf.cache_dir(), release)
-    except OSError:
-        kdir = headers.ensure(os.path.join("/tmp", f"tcptrace-{os.geteuid()}"), release)
+    except OSError:  # no usable cache: a private directory for this build only
+        import tempfile
+
+        kdir = headers.ensure(tempfile.mkdtemp(prefix="tcptrace-"), release)
     attempts = [("header-free", kdir)]
     # Real headers help only when they are the running kernel's own.
     if release == os.uname().release and os.path.isdir(f"/lib/modules/{release}/build"):
