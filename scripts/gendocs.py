@@ -10,9 +10,11 @@ holds, so the pages cannot drift from it (tests/test_docs.py compares them):
                               shipped schema (tcptrace/schema/events-v1.json)
   docs/exporter.md  metrics   the exporter's metric table (exporter.METRICS)
   docs/kernels.md   kernels   first kernels per tool and column (the specs'
-                              Tracepoint.since and Column.requires), and the
+                              Tracepoint.since and Column.requires), the
                               verdict of `tcptrace doctor` on the saved
-                              formats of the kernels the tests cover
+                              formats of the kernels the tests cover (with
+                              each real kernel's BTF facts, btf.json), and
+                              where those facts put the members read
 
     python scripts/gendocs.py            rewrite every generated section
     python scripts/gendocs.py --check    exit 1 if any section is stale
@@ -154,9 +156,36 @@ def _saved_kernels():
     return sorted(dirs, key=lambda d: _version_key(d.name))
 
 
-def kernels_section():
-    from tcptrace import doctor
+def btf_facts(kernel_dir):
+    """{struct: {member: [offset, size]}}: the BTF of the kernel a saved set
+    was read from (btf.json beside its formats), or None for a set derived
+    from sources."""
+    path = Path(kernel_dir) / "btf.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
+
+def judge_saved(kernel_dir, all_specs=None):
+    """[doctor.CommandReport] for a saved set, as `tcptrace doctor` judges a
+    running kernel: BTF-fed columns from the set's BTF facts where it has
+    them (for every struct the tool reads), not judged where it has none."""
+    from tcptrace import doctor, runtime
+
+    all_specs = all_specs if all_specs is not None else specs()
+    source = runtime.formats_source(str(kernel_dir))
+    facts = btf_facts(kernel_dir)
+
+    def offsets(struct_name, members):
+        have = facts[struct_name]
+        return {m: tuple(have[m]) for m in members if m in have}
+
+    out = []
+    for spec in all_specs:
+        known = facts is not None and all(s in facts for s in doctor.btf_wanted(spec))
+        out.append(doctor.judge(spec, source, offsets if known else None, btf_known=known))
+    return out
+
+
+def kernels_section():
     all_specs = specs()
     since = _tracepoint_since(all_specs)
     lines = ["### First kernel per subcommand", "",
@@ -194,8 +223,7 @@ def kernels_section():
         verdicts = {}
         unknown = set()
         for d in kernels:
-            report = doctor.diagnose(str(d), specs=all_specs)
-            for cmd in report.commands:
+            for cmd in judge_saved(d, all_specs):
                 blank = [c.header for c in cmd.columns if c.available is False]
                 unknown.update(f"{cmd.name} {c.header}" for c in cmd.columns if c.available is None)
                 cell = cmd.status + (": no " + ", ".join(blank) if blank else "")
@@ -207,9 +235,40 @@ def kernels_section():
             row = verdicts.get(spec.name, {})
             lines.append(f"| {spec.name} | " + " | ".join(row.get(d.name, "-") for d in kernels) + " |")
         if unknown:
-            lines += ["", "Saved formats carry no BTF, so these columns are judged only on a running kernel: "
-                      + ", ".join(sorted(unknown)) + "."]
+            lines += ["", "Sets derived from sources carry no BTF, so on those kernels these columns are not "
+                      "judged: " + ", ".join(sorted(unknown)) + "."]
+        lines += btf_table(kernels, all_specs)
     return "\n".join(lines)
+
+
+def btf_table(kernels, all_specs):
+    """Where each struct member the programs read sits, per kernel whose set
+    was read from a running kernel (its btf.json)."""
+    from tcptrace import doctor
+
+    real = [(d, btf_facts(d)) for d in kernels if btf_facts(d) is not None]
+    if not real:
+        return []
+    wanted = {}
+    for spec in all_specs:
+        for struct_name, members in doctor.btf_wanted(spec).items():
+            for member in members:
+                wanted.setdefault(f"{struct_name}.{member}", []).append(spec.name)
+    lines = ["", "### Struct members read, from each kernel's BTF", "",
+             "Byte offset (size) in the BTF of each kernel whose formats were read from it running; `-` where "
+             "that kernel has no such member: a program then reads the other member named beside it, or "
+             "leaves its column blank.", "",
+             "| member | read by | " + " | ".join(d.name for d, _ in real) + " |",
+             "|---|---|" + "---|" * len(real)]
+    for key in sorted(wanted):
+        struct_name, member = key.split(".", 1)
+        cells = []
+        for _d, facts in real:
+            where = facts.get(struct_name, {}).get(member)
+            cells.append(f"{where[0]} ({where[1]})" if where else "-")
+        users = ", ".join(dict.fromkeys(wanted[key]))
+        lines.append(f"| `{key}` | {users} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # -- the command ----------------------------------------------------------------------
@@ -256,6 +315,16 @@ def main(argv=None):
             parser.error(f"{args.page}: {e}")
         print(f"{args.page}: section {args.section} {'rewritten' if changed else 'unchanged'}")
         return 0
+    if not args.check and not args.section:
+        from tcptrace import events
+
+        # The schema is generated from the tools' declarations too: a new
+        # tool or key reaches it, and json.md, with the same command.
+        schema = ROOT / "tcptrace" / "schema" / events.SCHEMA_FILE
+        text = events.render()
+        if schema.read_text() != text:
+            schema.write_text(text)
+            print(f"tcptrace/schema/{events.SCHEMA_FILE}: rewritten")
     generated = sections(args.section)
     if args.check:
         old = stale(generated)

@@ -52,6 +52,38 @@ def _pids(ctx, param, value):
     return pids
 
 
+def _cgroups(ctx, param, value):
+    from .workload import parse_cgroup
+
+    out = []
+    for item in value or ():
+        try:
+            cgroup = parse_cgroup(item)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="/".join(param.opts))
+        if cgroup not in out:
+            out.append(cgroup)
+    if len(out) > MAX_LIST:
+        raise click.BadParameter(f"at most {MAX_LIST} cgroups", param_hint="/".join(param.opts))
+    return tuple(out)
+
+
+def _netns(ctx, param, value):
+    from .workload import parse_netns
+
+    out = []
+    for item in value or ():
+        try:
+            inode = parse_netns(item)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="/".join(param.opts))
+        if inode not in out:
+            out.append(inode)
+    if len(out) > MAX_LIST:
+        raise click.BadParameter(f"at most {MAX_LIST} network namespaces", param_hint="/".join(param.opts))
+    return tuple(out)
+
+
 def _pages(ctx, param, value):
     if value is not None and (value < 1 or value & (value - 1) or value > 65536):
         raise click.BadParameter(f"{value} is not a power of two from 1 to 65536", param_hint=param.opts[0])
@@ -95,7 +127,20 @@ OPTIONS = {
     "top": click.option("--top", type=click.IntRange(min=1), metavar="N",
                         help="With -c: only the N busiest rows."),
     "failed": click.option("--failed", is_flag=True, help="Only failed attempts."),
+    "cgroup": click.option("--cgroup", "cgroups", multiple=True, metavar="PATH", callback=_cgroups,
+                           help="Only sockets of this cgroup v2 or any cgroup below it, also ones made later "
+                                "(a directory of the cgroup2 mount, or its path as the cgroup key shows it; "
+                                "repeatable; checked in the kernel)."),
+    "netns": click.option("--netns", "netns", multiple=True, metavar="PATH", callback=_netns,
+                          help="Only sockets of this network namespace (/run/netns/NAME, /proc/PID/ns/net; "
+                               "repeatable; checked in the kernel)."),
+    "show_cgroup": click.option("--show-cgroup", is_flag=True,
+                                help="Add a CGROUP column: the socket's container (12 characters of its id), "
+                                     "else its cgroup path, cut on the left."),
 }
+# What every event tool takes about the socket's workload (its event ends
+# with spec.WORKLOAD_FIELDS).
+WORKLOAD = ("cgroup", "netns", "show_cgroup")
 
 # Every subcommand's run-time options (tools; the exporter and doctor take
 # the ones that apply to them by name from OPTIONS).
@@ -162,10 +207,16 @@ def _options(kwargs, spec):
 
     if kwargs.get("ipv4") and kwargs.get("ipv6"):
         raise click.UsageError("-4/--ipv4 and -6/--ipv6 exclude each other: give at most one.")
-    if kwargs.get("interval") and not kwargs.get("count"):
-        raise click.UsageError("-i/--interval goes with -c/--count.")
-    if kwargs.get("top") and not kwargs.get("count"):
-        raise click.UsageError("--top goes with -c/--count.")
+    counts = bool(kwargs.get("count") or (spec.counter and spec.counter.always))  # top only counts
+    # A tool's histograms (probe --hist) are reported like counts, -i and --top included.
+    histogram = spec.counter.histogram if spec.counter else None
+    hists = bool(histogram and histogram.wanted(kwargs))
+    if kwargs.get("count") and hists:
+        raise click.UsageError("-c/--count and --hist exclude each other: give one.")
+    if kwargs.get("interval") and not (counts or hists):
+        raise click.UsageError("-i/--interval goes with -c/--count" + (" or --hist." if histogram else "."))
+    if kwargs.get("top") and not (counts or hists):
+        raise click.UsageError("--top goes with -c/--count" + (" or --hist." if histogram else "."))
     ctx = click.get_current_context(silent=True)
     for option in spec.own_options:
         given = ctx is not None and ctx.get_parameter_source(option.dest) != click.core.ParameterSource.DEFAULT
@@ -193,11 +244,13 @@ def _options(kwargs, spec):
         buffer_pages=kwargs.get("buffer_pages") or 0,
         verbose=kwargs.get("verbose", False),
         quiet=kwargs.get("quiet", False),
-        count=kwargs.get("count", False),
+        count=counts,
         interval=kwargs.get("interval") or 0.0,
         top=kwargs.get("top") or 0,
         extra=extra,
         tool={o.dest: kwargs.get(o.dest) for o in spec.own_options},
+        cgroups=kwargs.get("cgroups") or (),
+        netns=kwargs.get("netns") or (),
     )
 
 
@@ -260,14 +313,17 @@ def command(spec, names, run, epilog_extra=""):
 def make_command(spec):
     def run(opts, kwargs):
         from . import output, runtime
+        from .spec import show_cgroup
 
+        columns = show_cgroup(spec.columns) if kwargs.get("show_cgroup") else spec.columns
         writer = output.writer(
-            opts.output, sys.stdout, spec.columns, show_time=opts.time,
+            opts.output, sys.stdout, columns, show_time=opts.time,
             show_timestamp=opts.timestamp, wide=opts.wide, extended=opts.extended, tool=spec.name,
         )
         return runtime.run(spec, opts, writer)
 
-    return command(spec, tuple(spec.options) + COMMON, run)
+    workload = WORKLOAD if "cgroup_id" in spec.event.names else ()
+    return command(spec, tuple(spec.options) + workload + COMMON, run)
 
 
 def exporter_command():

@@ -190,6 +190,9 @@ def judge(spec, source, btf_offsets, btf_known=True):
     for name, why in absent.items():
         note = "" if name in declared else ": the tool runs without it (no column names it in requires)"
         report.missing.append(f"{name} {why}{note}")
+    for tp in spec.tracepoints:  # a stand-in says what it shows instead
+        if getattr(tp, "instead_of", ()) and tp.why and tp.name in formats and any(n in absent for n in tp.instead_of):
+            report.missing.append(f"{tp.name} stands in: {tp.why}")
     if btf_known and found is None and spec.btf:
         report.missing.append(f"no BTF ({btf.VMLINUX}): {', '.join(sorted(spec.btf))} offsets unknown")
     if report.missing or any(c.available is False for c in report.columns):
@@ -227,10 +230,26 @@ def _tracefs():
     return Check("tracefs", OK, f"{how} at {source.root}"), source
 
 
+def _workload_note():
+    """Where the event tools' cgroup and netns come from on this kernel
+    (the socket's own, or the fallback) and where cgroup2 is mounted."""
+    from . import workload
+
+    found = {}
+    for struct_name, members in workload.BTF.items():
+        for member, where in (btf.kernel_offsets(struct_name, members) or {}).items():
+            found[f"{struct_name}.{member}"] = where
+    _defs, how = workload.mode(found)
+    mount = workload.cgroup2_mount()
+    where = f"cgroup2 at {mount[0]}" if mount else "no cgroup2 mount: --cgroup is refused, cgroup paths stay null"
+    return f"; workload: {how}; {where}"
+
+
 def _btf_check():
     if os.path.exists(btf.VMLINUX):
-        return Check("btf", OK, f"{btf.VMLINUX}: struct offsets come from the running kernel")
-    return Check("btf", WARN, f"{btf.VMLINUX} is absent: columns read from kernel structs stay blank")
+        return Check("btf", OK, f"{btf.VMLINUX}: struct offsets come from the running kernel" + _workload_note())
+    return Check("btf", WARN, f"{btf.VMLINUX} is absent: columns read from kernel structs stay blank"
+                 + _workload_note())
 
 
 def _build_check(release, running):

@@ -72,7 +72,24 @@ def record_names(specs=None):
     specs = list(specs if specs is not None else TOOLS.values())
     names = [s.name for s in specs]
     names += [f"{s.name}.count" for s in specs if s.counter]
+    names += [f"{s.name}.hist" for s in specs if s.counter and s.counter.histogram]
     return names
+
+
+def _hist_record(spec):
+    """One histogram of `tcptrace <tool> --hist ... -o json`."""
+    from .spec import Column
+
+    hist = spec.counter.histogram
+    rec = _record(spec.name, (Column("hist", "the value counted"), Column("count", "COUNT", type="integer")),
+                  optional=hist.labels)
+    rec["properties"]["buckets"] = {
+        "type": "array", "description": "[low, high, count]: values from low to high, inclusive",
+        "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 3, "maxItems": 3},
+    }
+    rec["required"].append("buckets")
+    rec["description"] = f"one histogram of `tcptrace {spec.name} --hist ... -o json`, counted in the kernel"
+    return rec
 
 
 def events_schema(specs=None):
@@ -91,6 +108,8 @@ def events_schema(specs=None):
             rec = _record(spec.name, tuple(spec.counter.columns) + (count,))
             rec["description"] = f"one row of `tcptrace {spec.name} -c -o json`: in-kernel counts"
             defs[f"{spec.name}.count"] = rec
+        if spec.counter and spec.counter.histogram:
+            defs[f"{spec.name}.hist"] = _hist_record(spec)
     return {
         "$schema": DRAFT,
         "$id": SCHEMA_ID,

@@ -187,8 +187,22 @@ class Writer:
     def flush(self):
         self.stream.flush()
 
-    def summary(self, columns, rows, title=None):
-        """A count-mode table: all rows at once, so tabulate can size it."""
+    def summary(self, columns, rows, title=None, redraw=False):
+        """A count-mode table: all rows at once, so tabulate can size it.
+        Only the columns this format shows (Column.table, .json, -x, -w);
+        redraw: a table on a terminal replaces the previous one (top)."""
+        raise NotImplementedError
+
+    def _shown(self, columns, rows):
+        keep = [i for i, c in enumerate(columns) if self._shows(c)]
+        if len(keep) == len(columns):
+            return columns, rows
+        return [columns[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+    def histograms(self, hists, unit, title=None):
+        """log2 histograms (hist.py): hists is [(label, [(low, high,
+        count)])], label ((key, value), ...) naming each; unit is (JSON
+        name of the value, table unit)."""
         raise NotImplementedError
 
 
@@ -477,9 +491,12 @@ class TableWriter(Writer):
                 add(careful(ts, row))
         return self.write_lines(lines, rows.malformed)
 
-    def summary(self, columns, rows, title=None):
+    def summary(self, columns, rows, title=None, redraw=False):
         from tabulate import tabulate
 
+        columns, rows = self._shown(columns, rows)
+        if redraw:
+            self.stream.write("\033[H\033[2J")  # cursor home, clear the screen
         if title:
             self.stream.write(title + "\n")
         body = [["-" if v is None else v for v in row] for row in rows]
@@ -487,6 +504,17 @@ class TableWriter(Writer):
             tabulate(body, headers=[c.header for c in columns], tablefmt="plain",
                      disable_numparse=True) + "\n"
         )
+
+
+    def histograms(self, hists, unit, title=None):
+        from . import hist
+
+        if title:
+            self.stream.write(title + "\n")
+        for label, rows in hists:
+            if label:
+                self.stream.write("\n" + ", ".join(f"{key} = {value}" for key, value in label) + "\n")
+            self.stream.write(hist.render(rows, unit[1]) or f"     {unit[1]:<19} : no samples\n")
 
 
 class CsvWriter(Writer):
@@ -502,10 +530,22 @@ class CsvWriter(Writer):
         self.csv.writerow(["" if v is None else v for v in vals])
         self.rows += 1
 
-    def summary(self, columns, rows, title=None):
-        self.csv.writerow([c.key for c in columns])
+    def summary(self, columns, rows, title=None, redraw=False):
+        columns, rows = self._shown(columns, rows)
+        keys = [c.key for c in columns]
+        if keys != getattr(self, "_keys_written", None):  # one header for every interval's rows
+            self.csv.writerow(keys)
+            self._keys_written = keys
         for row in rows:
             self.csv.writerow(["" if v is None else v for v in row])
+
+    def histograms(self, hists, unit, title=None):
+        """One CSV row per bucket: the label's values, low, high, count."""
+        keys = [key for key, _value in hists[0][0]] if hists else []
+        self.csv.writerow(keys + ["hist", "low", "high", "count"])
+        for label, rows in hists:
+            for low, high, count in rows:
+                self.csv.writerow([value for _key, value in label] + [unit[0], low, high, count])
 
 
 SCHEMA_VERSION = 1  # tcptrace/schema/events-v1.json; bumped when a key changes meaning or goes away
@@ -567,11 +607,21 @@ class JsonWriter(Writer):
             add(head(ts) + dumps(dict(zip(keys, pick(row))))[1:] + "\n")
         return self.write_lines(lines, rows.malformed)
 
-    def summary(self, columns, rows, title=None):
+    def summary(self, columns, rows, title=None, redraw=False):
+        columns, rows = self._shown(columns, rows)
         keys = [c.key for c in columns]
         now = time.monotonic_ns()  # the same clock as the kernel's event times
         for row in rows:
             self.stream.write(self._line(now, keys, row))
+
+    def histograms(self, hists, unit, title=None):
+        """One object per histogram: hist (the value's name), its label's
+        keys, buckets as [low, high, count] and count, their sum."""
+        now = time.monotonic_ns()
+        for label, rows in hists:
+            keys = ["hist", *(key for key, _value in label), "buckets", "count"]
+            vals = [unit[0], *(value for _key, value in label), [list(r) for r in rows], sum(r[2] for r in rows)]
+            self.stream.write(self._line(now, keys, vals))
 
 
 WRITERS = {"table": TableWriter, "csv": CsvWriter, "json": JsonWriter}

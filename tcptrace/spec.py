@@ -69,6 +69,11 @@ class Tracepoint:
     # (tracepoints.py) unless given, and a test holds a given one to it.
     since: str = ""
     optional: bool = False  # the tool runs without it (a column goes blank)
+    # A stand-in: attached only when one of these tracepoints is unavailable
+    # (top's TX from tcp_probe before the send/receive tracepoints of 6.3),
+    # and `why` is said on stderr then: what the tool shows instead.
+    instead_of: tuple = ()
+    why: str = ""
 
     def __post_init__(self):
         if not self.since:
@@ -92,13 +97,59 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Histogram:
+    """log2 histograms kept in the kernel, in a BPF hash (per CPU or not)
+    named `hist`: its key struct is `key`, whose last field is the u32 slot
+    (0 for a value of 0, else floor(log2(value)) + 1), and its value a u64.
+    What the key holds besides the slot tells the histograms apart."""
+
+    key: Layout
+    wanted: Callable  # the tool's option values -> whether this run keeps histograms
+    unit: Callable  # the tool's option values -> (JSON name of the value, table unit: "usecs")
+    # The tool's option values, key values without the slot, DecodeContext
+    # -> ((JSON key, value), ...) naming one histogram; () when there is one.
+    label: Callable
+    labels: tuple = ()  # a Column for each JSON key label() may give (the schema's)
+
+
+@dataclass(frozen=True)
 class Counter:
-    """Per-key counts kept in the kernel (-c/--count): a BPF hash named
-    `counts` whose key struct is `key` and value a u64."""
+    """What the kernel counts in maps, read and printed at exit and every
+    -i: -c/--count's rows from a BPF hash named `counts` whose key struct
+    is `key` and value a u64 (the COUNT column), or, with `value`, a struct
+    of that layout; and optionally `histogram`, which the tool's options
+    switch on instead."""
 
     key: Layout
     columns: tuple
-    decode: Callable  # key values tuple, DecodeContext -> row tuple (without COUNT)
+    # key values tuple, DecodeContext -> row tuple (without COUNT); with
+    # `value`: key values tuple, value values tuple, DecodeContext.
+    decode: Callable
+    value: Optional[Layout] = None
+    count: str = ""  # with `value`: its field that is the COUNT column
+    count_header: str = "COUNT"
+    rank: str = ""  # the column key rows are ordered by, busiest first; "" for COUNT
+    histogram: Optional[Histogram] = None
+    # A tool that only counts (top): no -c, and -i and --top stand alone.
+    always: bool = False
+    # The kernel counts under a generation (a u32 in the array `generation`):
+    # even ones in `counts`, odd ones in `counts_odd`. Each read advances it
+    # and waits for an RCU grace period before taking the old hash, so no
+    # program still writes what is read and cleared.
+    generations: bool = False
+    # What the tool makes of an interval's rows before they are ranked and
+    # cut: (its option values, columns, rows, interval, DecodeContext) ->
+    # (columns, rows), where interval is (start, seconds), start in seconds
+    # of the wall clock. top regroups (--by) and adds interval keys here.
+    finish: Optional[Callable] = None
+    # The line above each interval's table, from the finished rows:
+    # (rows, interval, DecodeContext) -> text; None: the time.
+    title: Optional[Callable] = None
+    # The tool's option values -> whether a table on a terminal is redrawn
+    # in place every interval (top), instead of appended.
+    redraw: Optional[Callable] = None
+    top: int = 0  # rows shown without --top: what fits a terminal, else this (0: all)
+    intervals: str = ""  # the dest of the tool's option: stop after that many intervals
 
 
 @dataclass(frozen=True)
@@ -180,6 +231,8 @@ class DecodeContext:
     symbols: dict = field(default_factory=dict)  # "tracepoint.field" -> {value: name}
     owners: object = None  # an OwnerResolver for sockets opened before tracing
     btf: dict = field(default_factory=dict)  # "struct.member" -> (offset, size) found
+    workload: object = None  # a workload.Resolver: cgroup id -> path, container, pod
+    tracepoints: tuple = ()  # the tracepoints the run attached to
 
 
 # The tracepoint most tools read state changes from, with the fields they use.
@@ -200,3 +253,38 @@ ENDPOINT_COLUMNS = (
     Column("raddr", "RADDR", 15, wide=39, value="ADDRESS[family][daddr]"),
     Column("rport", "RPORT", 5, "d", value="rport"),
 )
+
+
+# The socket's workload (tcptrace/bpf/workload.bpf.h): the two fields every
+# event tool's event ends with, the struct members the kernel side reads, and
+# the columns made from them (decode() puts workload.row()'s values in
+# CGROUP_COLUMN's place and after its own columns). JSON and CSV always
+# carry the keys; the table shows CGROUP with --show-cgroup.
+WORKLOAD_FIELDS = [("cgroup_id", "u64"), ("netns", "u32")]
+CGROUP_COLUMN = Column("cgroup_label", "CGROUP", 20, json=False, table=False, nullable=True,
+                       value="CGROUPS(ctx)[cgroup_id][3]")
+WORKLOAD_COLUMNS = (
+    Column("cgroup_id", "CGROUP_ID", table=False, type="integer", nullable=True, value="cgroup_id or None"),
+    Column("cgroup", "CGROUP_PATH", table=False, nullable=True, value="CGROUPS(ctx)[cgroup_id][0]"),
+    Column("container", "CONTAINER", table=False, nullable=True, value="CGROUPS(ctx)[cgroup_id][1]"),
+    Column("pod_uid", "POD_UID", table=False, nullable=True, value="CGROUPS(ctx)[cgroup_id][2]"),
+    Column("netns", "NETNS", table=False, type="integer", nullable=True, value="netns or None"),
+)
+
+
+def with_workload_btf(wanted):
+    """A tool's BTF needs plus the workload's (workload.BTF)."""
+    from .workload import BTF
+
+    out = {s: list(m) for s, m in wanted.items()}
+    for struct_name, members in BTF.items():
+        have = out.setdefault(struct_name, [])
+        have += [m for m in members if m not in have]
+    return out
+
+
+def show_cgroup(columns):
+    """The columns with CGROUP in the table (--show-cgroup)."""
+    from dataclasses import replace
+
+    return tuple(replace(c, table=True) if c is CGROUP_COLUMN else c for c in columns)

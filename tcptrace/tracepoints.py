@@ -35,7 +35,7 @@ FIELDS = {
                            "dport": ("4.15", "6.10"), "reason": "6.10"},
     "tcp:tcp_receive_reset": {"family": "5.15"},
     "tcp:tcp_destroy_sock": {"family": "5.15"},
-    "tcp:tcp_probe": {"family": "5.15", "skaddr": "6.18", "skbaddr": "6.18"},
+    "tcp:tcp_probe": {"family": "5.15", "skaddr": "6.9", "skbaddr": "6.9"},
     "skb:kfree_skb": {"reason": "5.17", "rx_sk": "6.10"},
 }
 

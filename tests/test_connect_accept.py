@@ -58,24 +58,25 @@ def accept_event(**kw):
     (dict(error=errno.ETIMEDOUT), "OK"),  # an error after success is not the connect's
 ])
 def test_connect_result(fields, result):
-    assert connect.decode(connect_event(**fields), DecodeContext())[-1] == result
+    assert connect.decode(connect_event(**fields), DecodeContext())[-6] == result
 
 
 def test_connect_decode_every_column():
     assert connect.decode(connect_event(), DecodeContext()) == (
-        22384, "curl", 4, "10.1.2.3", 63446, "93.184.216.34", 80, 1.373, "OK")
+        None, 22384, "curl", 4, "10.1.2.3", 63446, "93.184.216.34", 80, 1.373, "OK", None, None, None, None, None)
     row = connect.decode(connect_event(family=10, saddr=V6, daddr=V6R, lat_ns=3_059_963_000, failed=1,
                                        error=errno.ETIMEDOUT), DecodeContext())
-    assert row == (22384, "curl", 6, "2001:db8::1", 63446, "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe", 80,
-                   3059.963, "TIMEOUT")
+    assert row[1:-5] == (22384, "curl", 6, "2001:db8::1", 63446, "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe", 80,
+                         3059.963, "TIMEOUT")
 
 
 def test_accept_decode_every_column():
     assert accept.decode(accept_event(), DecodeContext()) == (
-        1031, "nginx", 4, "93.184.216.34", 80, "10.1.2.3", 63446, 0.0046)
+        None, 1031, "nginx", 4, "93.184.216.34", 80, "10.1.2.3", 63446, 0.0046, None, None, None, None, None)
     unknown = accept.decode(accept_event(owner_known=0, pid=0, comm=bytes(16), family=10, saddr=V6R, daddr=V6),
                             DecodeContext())
-    assert unknown == (None, None, 6, "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe", 80, "2001:db8::1", 63446, 0.0046)
+    assert unknown[1:-5] == (None, None, 6, "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe", 80, "2001:db8::1", 63446,
+                             0.0046)
 
 
 def render(tool, kind, events, **kw):
@@ -102,12 +103,12 @@ def test_connect_wide_csv_json():
     assert header.split() == ["PID", "COMM", "IP", "LADDR", "LPORT", "RADDR", "RPORT", "LAT(ms)", "RESULT"]
     assert row.index("63446") == header.index("LPORT")
     assert render(connect, "csv", [connect_event(failed=1, error=0)]).splitlines() == [
-        "pid,comm,family,laddr,lport,raddr,rport,lat_ms,result",
-        "22384,curl,4,10.1.2.3,63446,93.184.216.34,80,1.373,CLOSED",
+        "pid,comm,family,laddr,lport,raddr,rport,lat_ms,result,cgroup_id,cgroup,container,pod_uid,netns",
+        "22384,curl,4,10.1.2.3,63446,93.184.216.34,80,1.373,CLOSED,,,,,",
     ]
     assert unwrap(json.loads(render(connect, "json", [connect_event()]))) == {
         "pid": 22384, "comm": "curl", "family": 4, "laddr": "10.1.2.3", "lport": 63446,
-        "raddr": "93.184.216.34", "rport": 80, "lat_ms": 1.373, "result": "OK"}
+        "raddr": "93.184.216.34", "rport": 80, "lat_ms": 1.373, "result": "OK", "cgroup_id": None, "cgroup": None, "container": None, "pod_uid": None, "netns": None}
 
 
 def test_accept_outputs_golden():
@@ -118,13 +119,13 @@ def test_accept_outputs_golden():
         "-       -          93.184.216.34   80    10.1.2.3        63446 12.346",
     ]
     assert render(accept, "csv", events).splitlines() == [
-        "pid,comm,family,laddr,lport,raddr,rport,syn_recv_ms",
-        "1031,nginx,4,93.184.216.34,80,10.1.2.3,63446,0.0046",
-        ",,4,93.184.216.34,80,10.1.2.3,63446,12.345678",
+        "pid,comm,family,laddr,lport,raddr,rport,syn_recv_ms,cgroup_id,cgroup,container,pod_uid,netns",
+        "1031,nginx,4,93.184.216.34,80,10.1.2.3,63446,0.0046,,,,,",
+        ",,4,93.184.216.34,80,10.1.2.3,63446,12.345678,,,,,",
     ]
     first, second = (unwrap(json.loads(line)) for line in render(accept, "json", events).splitlines())
     assert first == {"pid": 1031, "comm": "nginx", "family": 4, "laddr": "93.184.216.34", "lport": 80,
-                     "raddr": "10.1.2.3", "rport": 63446, "syn_recv_ms": 0.0046}
+                     "raddr": "10.1.2.3", "rport": 63446, "syn_recv_ms": 0.0046, "cgroup_id": None, "cgroup": None, "container": None, "pod_uid": None, "netns": None}
     assert second["pid"] is None and second["comm"] is None
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from endpoint import Endpoint
 from helpers import Tracer, free_port, session
+from test_workload_live import own_workload
 
 HOSTS = {"v4": ("127.0.0.1", socket.AF_INET, 4), "v6": ("::1", socket.AF_INET6, 6)}
 COMM = os.path.basename(sys.executable)[:15]
@@ -27,12 +28,12 @@ def test_connect_and_accept_of_one_session(bpf, ip):
     [row] = conn.json_rows()
     lat = row.pop("lat_ms")
     assert row == {"pid": client.pid, "comm": COMM, "family": version, "laddr": host, "lport": cport,
-                   "raddr": host, "rport": sport, "result": "OK"}
+                   "raddr": host, "rport": sport, "result": "OK", **own_workload()}
     assert isinstance(lat, float) and lat > 0
     [row] = acc.json_rows()
     syn_recv = row.pop("syn_recv_ms")
     assert row == {"pid": server.pid, "comm": COMM, "family": version, "laddr": host, "lport": sport,
-                   "raddr": host, "rport": cport}
+                   "raddr": host, "rport": cport, **own_workload()}
     assert isinstance(syn_recv, float) and syn_recv >= 0
 
 
@@ -48,7 +49,7 @@ def test_refused_connect(bpf, ip):
     [row] = conn.json_rows()
     lat = row.pop("lat_ms")
     assert row == {"pid": client.pid, "comm": COMM, "family": version, "laddr": host, "lport": cport,
-                   "raddr": host, "rport": closed, "result": "REFUSED"}
+                   "raddr": host, "rport": closed, "result": "REFUSED", **own_workload()}
     assert lat > 0
     assert acc.json_rows() == []
 

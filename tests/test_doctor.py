@@ -28,7 +28,7 @@ from tcptrace.tools import TOOLS, states
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = os.path.join(ROOT, "tests", "data", "formats")
-KERNELS = ("4.19", "5.4", "5.10", "5.15", "6.1", "6.8", "6.18")
+KERNELS = ("4.19", "5.4", "5.10", "5.15", "6.1", "6.8", "6.12", "6.18")
 HIDE = "TCPTRACE_HIDE_TRACEPOINTS"
 RETRANSMIT = "tcp:tcp_retransmit_skb"
 

@@ -9,6 +9,7 @@ import time
 import pytest
 from endpoint import Endpoint
 from helpers import Tracer, free_port, tcptrace_cmd
+from test_workload_live import NO_WORKLOAD, own_workload  # noqa: F401
 from netns import RECEIVER_ADDR, SENDER_ADDR, LinkPair
 
 from tcptrace import tracefs
@@ -22,9 +23,10 @@ def reason_table():
     return drops.reason_table({drops.REASON_SYMBOLS: fmt.symbols.get("reason", {})})
 
 
-def segment(family, saddr, sport, daddr, dport, flags, reason, pid=None, comm=None, state=None):
+def segment(family, saddr, sport, daddr, dport, flags, reason, pid=None, comm=None, state=None, work=NO_WORKLOAD):
+    """A drop row; `work` its workload keys (none: the segment found no socket)."""
     return {"pid": pid, "comm": comm, "family": family, "saddr": saddr, "sport": sport, "daddr": daddr,
-            "dport": dport, "state": state, "flags": flags, "reason": reason}
+            "dport": dport, "state": state, "flags": flags, "reason": reason, **work}
 
 
 def refused(host, port, times=1, bind_port=0):

@@ -42,7 +42,8 @@ def test_shipped_schema_is_what_the_generator_writes():
 
 def test_schema_names_every_tool_and_count_mode():
     schema = events.events_schema()
-    assert set(schema["$defs"]) == {s.name for s in SPECS} | {f"{s.name}.count" for s in COUNTERS}
+    assert set(schema["$defs"]) == {s.name for s in SPECS} | {f"{s.name}.count" for s in COUNTERS} | \
+        {f"{s.name}.hist" for s in COUNTERS if s.counter.histogram}
     assert schema["$id"].endswith(f"v{output.SCHEMA_VERSION}") and schema["required"] == list(output.ENVELOPE)
     assert events.SCHEMA_FILE == f"events-v{output.SCHEMA_VERSION}.json"
 
@@ -82,11 +83,23 @@ def test_count_rows_validate(validator, spec):
     rng = random.Random(3)
     stream = io.StringIO()
     w = output.writer("json", stream, spec.columns, tool=spec.name)
+    counter = spec.counter
     rows = []
     for _ in range(200):
-        raw = bytes(rng.randrange(256) for _ in range(spec.counter.key.size))
-        rows.append(tuple(spec.counter.decode(spec.counter.key.struct.unpack(raw), DecodeContext())) + (7,))
-    w.summary(list(spec.counter.columns) + [Column("count", "COUNT", 8, "d", right=True)], rows)
+        key = counter.key.struct.unpack(bytes(rng.randrange(256) for _ in range(counter.key.size)))
+        if counter.value is None:
+            rows.append(tuple(counter.decode(key, DecodeContext())) + (7,))
+            continue
+        # What the session does with a value struct (runtime/session.py read_counts).
+        value = counter.value.struct.unpack(bytes(rng.randrange(256) for _ in range(counter.value.size)))
+        row = tuple(counter.decode(key, value, DecodeContext()))
+        rows.append(row + (value[counter.value.names.index(counter.count)],) if counter.count else row)
+    count = [Column("count", counter.count_header, 8, "d", right=True)] if counter.value is None or \
+        counter.count else []
+    columns = list(counter.columns) + count
+    if counter.finish:
+        columns, rows = counter.finish({}, columns, rows, (1.7e9, 1.0), DecodeContext())
+    w.summary(columns, rows)
     objs = lines(stream.getvalue())
     assert len(objs) == 200
     for obj in objs:
@@ -96,8 +109,8 @@ def test_count_rows_validate(validator, spec):
 def test_an_event_of_one_tool_does_not_pass_as_another(validator):
     stream = io.StringIO()
     spec = TOOLS["accept"]
-    output.writer("json", stream, spec.columns, tool="states").row(1, (1, "nginx", 4, "10.0.0.1", 80, "10.0.0.2",
-                                                                       5000, 0.1))
+    output.writer("json", stream, spec.columns, tool="states").row(1, (None, 1, "nginx", 4, "10.0.0.1", 80,
+                                                                       "10.0.0.2", 5000, 0.1, 44, "/a", None, None, 1))
     assert list(validator.iter_errors(lines(stream.getvalue())[0]))
 
 
@@ -105,7 +118,7 @@ def test_envelope_comes_first():
     stream = io.StringIO()
     spec = TOOLS["accept"]
     w = output.writer("json", stream, spec.columns, tool="accept", show_time=True)
-    w.row(1_234_567_890_123, (1, "nginx", 4, "10.0.0.1", 80, "10.0.0.2", 5000, 0.1))
+    w.row(1_234_567_890_123, (None, 1, "nginx", 4, "10.0.0.1", 80, "10.0.0.2", 5000, 0.1, 44, "/a", None, None, 1))
     text = stream.getvalue()
     assert text.startswith('{"ts":"') and text.endswith("}\n") and text.count("\n") == 1
     obj = json.loads(text)

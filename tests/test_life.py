@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from events import make_event
 from helpers import unwrap
-from tcptrace import output, runtime, tracefs
+from tcptrace import output, runtime, tracefs, workload
 from tcptrace.cli import cli
 from tcptrace.spec import DecodeContext
 from tcptrace.tools import life
@@ -30,7 +30,7 @@ def event(**kw):
     base = dict(ts_ns=9_000_000_000, span_ns=1_234_567, connect_ns=45_600, tx_bytes=100_002, rx_bytes=5_001,
                 pid=22597, retransmits=3, family=2, lport=46644, rport=443, partial=0, bytes_known=1,
                 connect_known=1, retrans_known=1, closer=1, saddr=V4, daddr=V4R,
-                comm=b"curl".ljust(16, b"\0"))
+                comm=b"curl".ljust(16, b"\0"), cgroup_id=44, netns=4026531840)
     base.update(kw)
     return make_event(life.SPEC, **base)
 
@@ -58,6 +58,7 @@ EVERYTHING = {
     "pid": 22597, "comm": "curl", "family": 4, "laddr": "10.0.0.7", "lport": 46644, "raddr": "93.184.216.34",
     "rport": 443, "tx_kb": 97, "rx_kb": 4, "tx_bytes": 100_002, "rx_bytes": 5_001, "retransmits": 3,
     "closed_by": "local", "connect_ms": 0.0456, "ms": 1.234567, "partial": False, "ms_text": "1.23",
+    "cgroup_label": None, "cgroup_id": 44, "cgroup": None, "container": None, "pod_uid": None, "netns": 4026531840,
 }
 
 DECODE_CASES = [
@@ -136,10 +137,11 @@ def test_table_wide_and_extended():
 def test_csv():
     text = render("csv", EVENTS[1:], extended=True)
     assert text.splitlines() == [
-        "pid,comm,family,laddr,lport,raddr,rport,tx_bytes,rx_bytes,retransmits,closed_by,connect_ms,ms,partial",
+        "pid,comm,family,laddr,lport,raddr,rport,tx_bytes,rx_bytes,retransmits,closed_by,connect_ms,ms,partial,"
+        "cgroup_id,cgroup,container,pod_uid,netns",
         "181,postgres-walsend,6,2001:db8::1,443,2001:db8:ffff:ffff:ffff:ffff:ffff:fffe,50123,5000001,1001,0,"
-        "remote,,61000.0,True",
-        ",,4,10.0.0.7,46644,93.184.216.34,443,,,3,reset,0.0456,0.04,False",
+        "remote,,61000.0,True,44,,,,4026531840",
+        ",,4,10.0.0.7,46644,93.184.216.34,443,,,3,reset,0.0456,0.04,False,44,,,,4026531840",
     ]
 
 
@@ -148,13 +150,14 @@ def test_json():
     assert rows[0] == {
         "pid": 22597, "comm": "curl", "family": 4, "laddr": "10.0.0.7", "lport": 46644, "raddr": "93.184.216.34",
         "rport": 443, "tx_bytes": 100002, "rx_bytes": 5001, "retransmits": 3, "closed_by": "local",
-        "connect_ms": 0.0456, "ms": 1.234567, "partial": False,
+        "connect_ms": 0.0456, "ms": 1.234567, "partial": False, "cgroup_id": 44, "cgroup": None,
+        "container": None, "pod_uid": None, "netns": 4026531840,
     }
     assert rows[1]["partial"] is True and rows[1]["connect_ms"] is None and rows[1]["ms"] == 61000.0
     assert rows[2]["pid"] is None and rows[2]["tx_bytes"] is None and rows[2]["closed_by"] == "reset"
     plain = unwrap(json.loads(render("json", EVENTS[:1]).splitlines()[0]))
     assert set(plain) == {"pid", "comm", "family", "laddr", "lport", "raddr", "rport", "tx_bytes", "rx_bytes",
-                          "ms", "partial"}
+                          "ms", "partial", "cgroup_id", "cgroup", "container", "pod_uid", "netns"}
 
 
 # -- the C side --------------------------------------------------------------
@@ -208,7 +211,7 @@ def test_program_without_optional_tracepoints():
 def test_only_set_state_is_required():
     required = [tp.name for tp in life.SPEC.tracepoints if not tp.optional]
     assert required == ["sock:inet_sock_set_state"]
-    assert life.SPEC.btf == {"tcp_sock": ["bytes_acked", "bytes_received"]}
+    assert life.SPEC.btf == {"tcp_sock": ["bytes_acked", "bytes_received"], **workload.BTF}
 
 
 # -- command line ------------------------------------------------------------

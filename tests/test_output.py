@@ -109,7 +109,8 @@ def test_csv_and_json_batches_write_what_rows_write(spec, kind, data):
 @pytest.mark.parametrize("kind", ["table", "csv", "json"])
 def test_batch_counts_samples_that_do_not_decode_and_skips_none(kind):
     spec = TOOLS["states"]
-    good = ("ffff", 1, "c", 4, "10.0.0.1", 1, "10.0.0.2", 2, "ESTABLISHED", "->", "CLOSE_WAIT", None)
+    good = (None, "ffff", 1, "c", 4, "10.0.0.1", 1, "10.0.0.2", 2, "ESTABLISHED", "->", "CLOSE_WAIT", None,
+            44, None, None, None, 4026531840)
 
     def decode(values, _ctx):
         if values[1] == "bad":
@@ -142,6 +143,7 @@ def test_blank_text_prints_a_dash_not_none():
 NO_DERIVED_PATH = {
     "resets": "column pid declares no value",
     "retrans": "column pid declares no value",
+    "top": "column pid declares no value",  # interval tables only (tcptrace/tools/top.py)
 }
 LAYOUTS = [{}, {"wide": True}, {"extended": True}, {"wide": True, "extended": True}, {"show_time": True},
            {"show_timestamp": True}]
@@ -234,6 +236,7 @@ COMPLETE = {
     "drops": {"pid": 181, "values_known": 3, "state": 1, "reason": 3,
               "hdr": bytes([0x45]) + bytes(11) + ADDR[:4] + bytes([127, 0, 0, 2])
               + (45678).to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes(9) + b"\x02" + bytes(46)},
+    "probe": {"pid": 181, "owner_known": 1, "ssthresh": 20, "ca_state": 0, "cwnd": 30, "srtt_us": 57},
 }
 
 

@@ -58,7 +58,9 @@ RECEIVED = dict(dir=resets.RECV, reason=resets.REASON_NONE, state=2, lport=51234
                                          "13", "200")),
 ], ids=["sent", "no-socket", "received", "v6", "unknown-values"])
 def test_decode(fields, row):
-    assert resets.decode(event(**fields), context()) == row
+    decoded = resets.decode(event(**fields), context())
+    assert decoded[1:-5] == row
+    assert decoded[:1] + decoded[-5:] == (None,) * 6  # no workload in these events (cgroup_id, netns 0)
 
 
 def test_reason_names_come_from_the_kernels_format_file():
@@ -67,7 +69,7 @@ def test_reason_names_come_from_the_kernels_format_file():
     table = context("6.18").symbols[resets.REASON_SYMBOLS]
     assert table[1] == "NO_SOCKET" and table[11] == "TCP_ABORT_ON_CLOSE" and table[14] == "TCP_STATE"
     assert resets.REASON_SYMBOLS not in context("6.1").symbols
-    assert resets.decode(event(reason=1), context("6.1"))[-1] == "1"
+    assert resets.decode(event(reason=1), context("6.1"))[-6] == "1"
     assert resets.decode(event(reason=resets.REASON_NONE), context("6.1"))[-1] is None
 
 
@@ -100,9 +102,9 @@ def test_table_wide():
 def test_csv_golden():
     text = render("csv", [event(), event(**NO_SOCKET)])
     assert text.splitlines() == [
-        "pid,comm,family,dir,laddr,lport,raddr,rport,state,reason",
-        "4242,nginx,4,SENT,10.1.2.3,443,93.184.216.34,51234,ESTABLISHED,TCP_ABORT_ON_CLOSE",
-        ",,4,SENT,10.1.2.3,443,93.184.216.34,51234,,NO_SOCKET",
+        "pid,comm,family,dir,laddr,lport,raddr,rport,state,reason,cgroup_id,cgroup,container,pod_uid,netns",
+        "4242,nginx,4,SENT,10.1.2.3,443,93.184.216.34,51234,ESTABLISHED,TCP_ABORT_ON_CLOSE,,,,,",
+        ",,4,SENT,10.1.2.3,443,93.184.216.34,51234,,NO_SOCKET,,,,,",
     ]
 
 
@@ -110,10 +112,11 @@ def test_json_golden():
     lines = render("json", [event(**NO_SOCKET), event(**RECEIVED)], show_time=True).splitlines()
     first, second = (unwrap(json.loads(line)) for line in lines)
     assert list(first) == ["time", "pid", "comm", "family", "dir", "laddr", "lport", "raddr", "rport", "state",
-                           "reason"]
+                           "reason", "cgroup_id", "cgroup", "container", "pod_uid", "netns"]
     first.pop("time")
     assert first == {"pid": None, "comm": None, "family": 4, "dir": "SENT", "laddr": "10.1.2.3", "lport": 443,
-                     "raddr": "93.184.216.34", "rport": 51234, "state": None, "reason": "NO_SOCKET"}
+                     "raddr": "93.184.216.34", "rport": 51234, "state": None, "reason": "NO_SOCKET",
+                     "cgroup_id": None, "cgroup": None, "container": None, "pod_uid": None, "netns": None}
     assert second["dir"] == "RECV" and second["reason"] is None and second["state"] == "SYN_SENT"
 
 

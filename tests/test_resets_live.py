@@ -8,6 +8,7 @@ import pytest
 
 from endpoint import Endpoint
 from helpers import Tracer, free_port
+from test_workload_live import NO_WORKLOAD, own_workload
 from tcptrace import tracefs
 
 HOSTS = {"v4": ("127.0.0.1", socket.AF_INET, 4), "v6": ("::1", socket.AF_INET6, 6)}
@@ -44,12 +45,12 @@ def test_connect_to_closed_port(bpf, ip):
         assert t.stop() == 0, t.stderr
     rows = t.json_rows()
     recv = {"pid": client.pid, "comm": COMM, "family": version, "dir": "RECV", "laddr": host, "lport": cport,
-            "raddr": host, "rport": closed, "state": "SYN_SENT", "reason": None}
+            "raddr": host, "rport": closed, "state": "SYN_SENT", "reason": None, **own_workload()}
     if send_reset_format().has("saddr", 28):
         # The addresses come from the SYN, swapped by the kernel so that the
         # source is the side sending the reset: local is the closed port.
         sent = {"pid": None, "comm": None, "family": version, "dir": "SENT", "laddr": host, "lport": closed,
-                "raddr": host, "rport": cport, "state": None, "reason": "NO_SOCKET"}
+                "raddr": host, "rport": cport, "state": None, "reason": "NO_SOCKET", **NO_WORKLOAD}
         assert rows == [sent, recv]
     else:
         # Before 6.10 tcp_send_reset does not fire without a full socket.
@@ -72,9 +73,10 @@ def test_server_closes_with_unread_data(bpf, ip):
     assert rows == {
         "SENT": {"pid": server.pid, "comm": COMM, "family": version, "dir": "SENT", "laddr": host,
                  "lport": sport, "raddr": host, "rport": cport, "state": "ESTABLISHED",
-                 "reason": kernel_reason("TCP_ABORT_ON_CLOSE")},
+                 "reason": kernel_reason("TCP_ABORT_ON_CLOSE"), **own_workload()},
         "RECV": {"pid": client.pid, "comm": COMM, "family": version, "dir": "RECV", "laddr": host,
-                 "lport": cport, "raddr": host, "rport": sport, "state": "ESTABLISHED", "reason": None},
+                 "lport": cport, "raddr": host, "rport": sport, "state": "ESTABLISHED", "reason": None,
+                 **own_workload()},
     }
 
 

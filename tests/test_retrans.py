@@ -207,9 +207,9 @@ def test_table_wide_keeps_ipv6_aligned():
 def test_csv_golden():
     lines = render("csv", [event(comm=b'a,"b"\0'), event(flags=0, pid=0)], show_time=False).splitlines()
     assert lines == [
-        "pid,comm,family,laddr,lport,raddr,rport,state,type,err",
-        '22384,"a,""b""",4,10.1.2.3,22,93.184.216.34,34619,ESTABLISHED,retrans,0',
-        ",,4,10.1.2.3,22,93.184.216.34,34619,,retrans,",
+        "pid,comm,family,laddr,lport,raddr,rport,state,type,err,cgroup_id,cgroup,container,pod_uid,netns",
+        '22384,"a,""b""",4,10.1.2.3,22,93.184.216.34,34619,ESTABLISHED,retrans,0,,,,,',
+        ",,4,10.1.2.3,22,93.184.216.34,34619,,retrans,,,,,,",
     ]
 
 
@@ -218,7 +218,8 @@ def test_json_golden():
     got = unwrap(json.loads(text))
     assert re.fullmatch(r"\d\d:\d\d:\d\d", got.pop("time"))
     assert got == {"pid": 22384, "comm": "sshd", "family": 4, "laddr": "10.1.2.3", "lport": 22,
-                   "raddr": "93.184.216.34", "rport": 34619, "state": "SYN_RECV", "type": "synack", "err": None}
+                   "raddr": "93.184.216.34", "rport": 34619, "state": "SYN_RECV", "type": "synack", "err": None,
+                   "cgroup_id": None, "cgroup": None, "container": None, "pod_uid": None, "netns": None}
 
 
 # -- the count key ---------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 
 import helpers
 from helpers import PEER, Tracer
+from test_workload_live import own_workload
 from netns import RECEIVER_ADDR, SENDER_ADDR, LinkPair
 from tcptrace import runtime
 
@@ -216,6 +217,7 @@ def test_synack_retransmits_name_the_listener(bpf):
     both = f"{sport},{cport}"
     with LinkPair() as link, Processes(link) as procs:
         pin_client_port(link, cport)
+        receiver_ns = os.stat(f"/run/netns/{link.receiver}").st_ino
         server = procs.held(link.receiver, "server", RECEIVER_ADDR, sport, "--recv", 1000)
         before = nstat(link, link.receiver, "TcpExtTCPSynRetrans")
         with Tracer("retrans", "-o", "json", "-L", both) as events, \
@@ -241,7 +243,8 @@ def test_synack_retransmits_name_the_listener(bpf):
         assert r["comm"].startswith("python")
         assert {k: v for k, v in r.items() if k not in ("time", "comm")} == {
             "pid": server.pid, "family": 4, "laddr": RECEIVER_ADDR, "lport": sport, "raddr": SENDER_ADDR,
-            "rport": cport, "state": "SYN_RECV", "type": "synack", "err": None}
+            "rport": cport, "state": "SYN_RECV", "type": "synack", "err": None,
+            **own_workload(receiver_ns)}
     # Everything else is the client's data, sent again while its ACKs were dropped.
     assert all((r["type"], r["lport"], r["pid"]) == ("retrans", cport, client.pid) for r in rows if r not in synacks)
 
@@ -295,6 +298,7 @@ def test_connection_opened_before_tracing(bpf, monkeypatch):
     sport, cport = ports()
     with LinkPair() as link, Processes(link) as procs:
         pin_client_port(link, cport)
+        sender_ns = os.stat(f"/run/netns/{link.sender}").st_ino
         # The handshake passes, the data never does: the client keeps sending it again.
         link.drop_input(link.receiver, f"ip saddr {SENDER_ADDR} tcp dport {sport} ip length > 200")
         procs.peer(link.receiver, "server", RECEIVER_ADDR, sport, "--recv", 100_000)
@@ -314,7 +318,10 @@ def test_connection_opened_before_tracing(bpf, monkeypatch):
         assert r["comm"].startswith("python")
         assert {k: v for k, v in r.items() if k not in ("time", "comm")} == {
             "pid": client.pid, "family": 4, "laddr": SENDER_ADDR, "lport": cport, "raddr": RECEIVER_ADDR,
-            "rport": sport, "state": "ESTABLISHED", "type": "retrans", "err": 0}
+            "rport": sport, "state": "ESTABLISHED", "type": "retrans", "err": 0,
+            # `ip netns exec` gave the tracer a /sys without the cgroup2
+            # mount: the id is the socket's, its path cannot be looked up.
+            **own_workload(sender_ns), "cgroup": None}
     assert by_pid.json_rows() == []
 
 

@@ -18,7 +18,7 @@ V6R = socket.inet_pton(socket.AF_INET6, "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe"
 def event(**kw):
     base = dict(ts_ns=5_000_000_000, skaddr=0xFFFF9FD7E8192000, delta_ns=1_373_000, pid=22384,
                 oldstate=2, newstate=1, family=2, lport=63446, rport=80, saddr=V4, daddr=V4R,
-                comm=b"curl".ljust(16, b"\0"))
+                comm=b"curl".ljust(16, b"\0"), cgroup_id=44, netns=4026531840)
     base.update(kw)
     return make_event(states.SPEC, **base)
 
@@ -34,15 +34,15 @@ def render(kind, events, **kw):
 
 def test_decode_v4():
     row = states.decode(event(), DecodeContext())
-    assert row == ("ffff9fd7e8192000", 22384, "curl", 4, "10.1.2.3", 63446, "93.184.216.34", 80,
-                   "SYN_SENT", "->", "ESTABLISHED", 1.373)
+    assert row == (None, "ffff9fd7e8192000", 22384, "curl", 4, "10.1.2.3", 63446, "93.184.216.34", 80,
+                   "SYN_SENT", "->", "ESTABLISHED", 1.373, 44, None, None, None, 4026531840)
 
 
 def test_decode_v6_unknown_state_and_unknown_delta():
     row = states.decode(event(family=10, saddr=V6, daddr=V6R, newstate=13, delta_ns=2**64 - 1),
                         DecodeContext())
-    assert row[3:5] == (6, "2001:db8::1") and row[6] == "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe"
-    assert row[10] == "13" and row[11] is None
+    assert row[4:6] == (6, "2001:db8::1") and row[7] == "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe"
+    assert row[11] == "13" and row[12] is None
 
 
 def test_table_golden():
@@ -68,8 +68,9 @@ def test_table_wide_and_blank_ms():
 def test_csv_golden():
     text = render("csv", [event(comm=b'a,"b"\0')])
     assert text.splitlines() == [
-        "skaddr,pid,comm,family,laddr,lport,raddr,rport,oldstate,newstate,ms",
-        'ffff9fd7e8192000,22384,"a,""b""",4,10.1.2.3,63446,93.184.216.34,80,SYN_SENT,ESTABLISHED,1.373',
+        "skaddr,pid,comm,family,laddr,lport,raddr,rport,oldstate,newstate,ms,cgroup_id,cgroup,container,pod_uid,netns",
+        'ffff9fd7e8192000,22384,"a,""b""",4,10.1.2.3,63446,93.184.216.34,80,SYN_SENT,ESTABLISHED,1.373,44,,,,'
+        '4026531840',
     ]
 
 
@@ -81,7 +82,8 @@ def test_json_golden():
     assert unwrap(json.loads(text)) == {
         "skaddr": "ffff9fd7e8192000", "pid": 22384, "comm": "curl", "family": 4, "laddr": "10.1.2.3",
         "lport": 63446, "raddr": "93.184.216.34", "rport": 80, "oldstate": "SYN_SENT",
-        "newstate": "ESTABLISHED", "ms": None,
+        "newstate": "ESTABLISHED", "ms": None, "cgroup_id": 44, "cgroup": None, "container": None,
+        "pod_uid": None, "netns": 4026531840,
     }
 
 

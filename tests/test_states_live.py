@@ -102,7 +102,8 @@ def test_table_and_csv(bpf, fmt):
         assert cells[5] == "4" and cells[6] == "127.0.0.1" and cells[7] == str(cport)
         assert cells[10:13] == ["SYN_SENT", "->", "ESTABLISHED"]
     else:
-        assert lines[0] == "time,timestamp,skaddr,pid,comm,family,laddr,lport,raddr,rport,oldstate,newstate,ms"
+        assert lines[0] == ("time,timestamp,skaddr,pid,comm,family,laddr,lport,raddr,rport,oldstate,newstate,ms,"
+                            "cgroup_id,cgroup,container,pod_uid,netns")
         assert lines[2].split(",")[10:12] == ["SYN_SENT", "ESTABLISHED"]
 
 

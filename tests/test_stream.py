@@ -5,14 +5,20 @@ import socket
 
 from hypothesis import given, settings, strategies as st
 
+from events import make_event
 from tcptrace.spec import DecodeContext
 from tcptrace.stream import EventStream
 from tcptrace.tools import TOOLS, states
 
 
+def pack(**fields):
+    return states.EVENT.struct.pack(*make_event(states.SPEC, **fields))
+
+
 def sample(ts, old=2, new=1):
     addr = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
-    return states.EVENT.struct.pack(ts, 1, 0, 42, old, new, 2, 1000, 2000, addr, addr, b"x")
+    return pack(ts_ns=ts, skaddr=1, pid=42, oldstate=old, newstate=new, family=2, lport=1000, rport=2000,
+                saddr=addr, daddr=addr, comm=b"x")
 
 
 def collect(**kw):
@@ -80,7 +86,8 @@ def test_a_table_batch_writes_what_its_rows_write(changes):
     from tcptrace import output
 
     addr = socket.inet_pton(socket.AF_INET, "10.0.0.1") + bytes(12)
-    raws = [states.EVENT.struct.pack(ts, 1, delta, 42, old, new, family, 1000, 2000, addr, addr, b"x")
+    raws = [pack(ts_ns=ts, skaddr=1, delta_ns=delta, pid=42, oldstate=old, newstate=new, family=family,
+                 lport=1000, rport=2000, saddr=addr, daddr=addr, comm=b"x")
             for ts, (old, new, family, delta) in enumerate(changes)]
     texts = []
     for batch in (True, False):

@@ -18,6 +18,7 @@
  */
 #define TCPTRACE_OWNERS 1
 #include "tcptrace.h"
+#include "workload.bpf.h"
 
 struct event {
 	u64 ts_ns;
@@ -32,6 +33,8 @@ struct event {
 	u8 saddr[16];
 	u8 daddr[16];
 	char comm[16];
+	u64 cgroup_id;
+	u32 netns;
 };
 
 /* Children between LISTEN->SYN_RECV and their next change: when they were born. */
@@ -48,6 +51,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	u64 now = bpf_ktime_get_ns();
 
 	track_owner(skaddr, oldstate, newstate, args->sport);
+	workload_track(skaddr, oldstate, newstate, args->sport);
 	if (newstate == TCP_CLOSE) {
 		forget_owner(skaddr);
 		children.delete(&skaddr);
@@ -71,6 +75,9 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		return 0;
 	struct owner *o = owner_of(skaddr);
 	if (!owner_ok(o))
+		return 0;
+	/* the listener's cgroup: the kernel copied it into the child */
+	if (!workload_read(skaddr, &ev.cgroup_id, &ev.netns))
 		return 0;
 	ev.owner_known = copy_owner(o, &ev.pid, ev.comm);
 	ev.ts_ns = now;

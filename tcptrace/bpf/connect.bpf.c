@@ -22,6 +22,7 @@
  */
 #include "tcptrace.h"
 #include "lifecycle.bpf.h"
+#include "workload.bpf.h"
 
 struct event {
 	u64 ts_ns;
@@ -37,6 +38,8 @@ struct event {
 	u8 saddr[16];
 	u8 daddr[16];
 	char comm[16];
+	u64 cgroup_id;
+	u32 netns;
 };
 
 struct attempt {
@@ -59,6 +62,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	s32 newstate = args->newstate;
 	u64 now = bpf_ktime_get_ns();
 
+	workload_track(skaddr, oldstate, newstate, args->sport);
 	if (connect_begins(oldstate, newstate)) {
 		struct attempt a = {};
 		a.pid = current_pid();
@@ -85,6 +89,8 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	attempts.delete(&skaddr);
 
 	if (!ports_ok(args->sport, args->dport))
+		return 0;
+	if (!workload_read(skaddr, &ev.cgroup_id, &ev.netns))
 		return 0;
 	if (connect_failed(newstate)) {
 		ev.failed = 1;

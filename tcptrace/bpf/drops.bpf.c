@@ -37,6 +37,7 @@
  */
 #define TCPTRACE_OWNERS 1
 #include "tcptrace.h"
+#include "workload.bpf.h"
 
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -56,6 +57,8 @@ struct event {
 	u8 unused;
 	u8 hdr[80];
 	char comm[16];
+	u64 cgroup_id;
+	u32 netns;
 };
 
 #ifdef TCPTRACE_COUNT
@@ -208,6 +211,9 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 		__builtin_memcpy(ev.comm, o->comm, sizeof(ev.comm));
 		ev.values_known |= F_OWNER;
 	}
+	/* a request or TIME_WAIT socket has its netns but no cgroup */
+	if (!workload_read_any(sk, &ev.cgroup_id, &ev.netns))
+		return 0;
 
 #ifdef TCPTRACE_COUNT
 	struct count_key key = {};
@@ -241,6 +247,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	s32 newstate = args->newstate;
 
 	track_owner(skaddr, args->oldstate, newstate, args->sport);
+	workload_track(skaddr, args->oldstate, newstate, args->sport);
 	if (newstate == TCP_CLOSE)
 		forget_owner(skaddr);
 	return 0;

@@ -33,6 +33,7 @@
 #define TCPTRACE_OWNERS 1
 #include "tcptrace.h"
 #include "lifecycle.bpf.h"
+#include "workload.bpf.h"
 
 #define CLOSER_UNKNOWN 0
 #define CLOSER_LOCAL 1  /* we sent the first FIN, aborted, or gave up */
@@ -58,6 +59,8 @@ struct event {
 	u8 saddr[16];
 	u8 daddr[16];
 	char comm[16];
+	u64 cgroup_id;
+	u32 netns;
 };
 
 struct session {
@@ -109,6 +112,8 @@ static __always_inline void report(struct tp_inet_sock_set_state *args, u64 sk, 
 		return;
 
 	struct event ev = {};
+	if (!workload_read(sk, &ev.cgroup_id, &ev.netns))
+		return;
 	ev.ts_ns = now;
 	ev.span_ns = now - s->birth_ns;
 	ev.partial = s->partial;
@@ -138,6 +143,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	u64 now = bpf_ktime_get_ns();
 
 	track_owner(sk, oldstate, newstate, args->sport);
+	workload_track(sk, oldstate, newstate, args->sport);
 
 	if (listener_change(oldstate, newstate)) {
 		sessions.delete(&sk);

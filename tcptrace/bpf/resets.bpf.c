@@ -49,6 +49,8 @@ struct event {
 	u8 saddr[16];
 	u8 daddr[16];
 	char comm[16];
+	u64 cgroup_id;
+	u32 netns;
 };
 
 struct count_key {
@@ -65,6 +67,7 @@ struct count_key {
 /* Before the shared code, which keys the count map with it. */
 #define COUNT_KEY struct count_key
 #include "tcptrace.h"
+#include "workload.bpf.h"
 
 /* What the state changes told about a socket. */
 struct sock_seen {
@@ -85,6 +88,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	struct sock_seen s = {};
 
 	track_owner(skaddr, args->oldstate, newstate, args->sport);
+	workload_track(skaddr, args->oldstate, newstate, args->sport);
 	s.state = newstate;
 	s.before = args->oldstate;
 	if (newstate == TCP_CLOSE) {
@@ -129,6 +133,10 @@ static __always_inline int deliver(void *ctx, struct event *ev)
 	}
 	ev->owner_known = copy_owner(o, &ev->pid, ev->comm);
 	if (!owner_ok(o))
+		return 0;
+	/* a reset that answers a segment no socket wanted has none (skaddr
+	 * 0); one sent from TIME_WAIT has a timewait socket */
+	if (!workload_read_any(skaddr, &ev->cgroup_id, &ev->netns))
 		return 0;
 
 #ifdef TCPTRACE_COUNT

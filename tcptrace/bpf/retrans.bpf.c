@@ -50,6 +50,8 @@ struct event {
 	u8 saddr[16];
 	u8 daddr[16];
 	char comm[16];
+	u64 cgroup_id;
+	u32 netns;
 };
 
 struct count_key {
@@ -64,6 +66,7 @@ struct count_key {
 /* Before the shared code, which keys the count map with it. */
 #define COUNT_KEY struct count_key
 #include "tcptrace.h"
+#include "workload.bpf.h"
 
 #if defined(FILTER_FAILED) && defined(HAVE_TCP_RETRANSMIT_SKB) && !defined(HAS_TCP_RETRANSMIT_SKB_ERR)
 #error "--failed needs the err field of tcp:tcp_retransmit_skb, which this kernel does not have"
@@ -124,6 +127,8 @@ int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 		return 0;
 	if (!take_owner(&ev, owner_of(args->skaddr)))
 		return 0;
+	if (!workload_read(args->skaddr, &ev.cgroup_id, &ev.netns))
+		return 0;
 
 #ifdef HAS_TCP_RETRANSMIT_SKB_STATE
 	ev.state = args->state;
@@ -160,6 +165,9 @@ int on_tcp_retransmit_synack(struct tp_tcp_retransmit_synack *args)
 		o = listen_owners.lookup(&lport);
 	if (!take_owner(&ev, o))
 		return 0;
+	/* skaddr is the listener: the cgroup its children inherit */
+	if (!workload_read(args->skaddr, &ev.cgroup_id, &ev.netns))
+		return 0;
 
 	/* The connection is half open: a request socket (NEW_SYN_RECV in the
 	 * kernel's terms), or a Fast Open child in SYN_RECV. */
@@ -184,6 +192,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	s32 newstate = args->newstate;
 
 	track_owner(skaddr, args->oldstate, newstate, args->sport);
+	workload_track(skaddr, args->oldstate, newstate, args->sport);
 	if (newstate == TCP_CLOSE)
 		forget_owner(skaddr);
 	return 0;

@@ -15,6 +15,7 @@
  * many changes happen in softirq context, on behalf of no process at all.
  */
 #include "tcptrace.h"
+#include "workload.bpf.h"
 
 #define DELTA_UNKNOWN 0xffffffffffffffffULL
 
@@ -31,6 +32,8 @@ struct event {
 	u8 saddr[16];
 	u8 daddr[16];
 	char comm[16];
+	u64 cgroup_id;
+	u32 netns;
 };
 
 BPF_TABLE("lru_hash", u64, u64, last_change, TCPTRACE_MAX_SOCKETS);
@@ -46,6 +49,7 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	s32 oldstate = args->oldstate;
 	s32 newstate = args->newstate;
 
+	workload_track(skaddr, oldstate, newstate, args->sport);
 	u64 *then = last_change.lookup(&skaddr);
 	if (then)
 		ev.delta_ns = now - *then;
@@ -64,6 +68,8 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 	 * listener's child is reported before its peer is copied in) must
 	 * still time the socket's next change. */
 	if (!family_ok(args->family) || !ports_ok(args->sport, args->dport))
+		return 0;
+	if (!workload_read(skaddr, &ev.cgroup_id, &ev.netns))
 		return 0;
 
 	ev.ts_ns = now;

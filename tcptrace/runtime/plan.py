@@ -9,7 +9,8 @@ reading formats and BTF, so `--ebpf` prints a plan without root.
 import os
 from dataclasses import dataclass, field
 
-from .. import btf, codegen, headers
+from .. import btf, codegen, headers, workload
+from ..errors import KernelTooOldError
 
 RING_PAGES = 16384  # 64 MiB; see defines_for()
 RINGBUF_SINCE = (5, 8, 0)  # the BPF ring buffer
@@ -37,6 +38,8 @@ class RunOptions:
     top: int = 0
     extra: dict = field(default_factory=dict)  # integer #defines (tests size maps with them)
     tool: dict = field(default_factory=dict)  # the tool's own options (spec.Option.dest -> value)
+    cgroups: tuple = ()  # --cgroup: workload.Cgroup items
+    netns: tuple = ()  # --netns: namespace inode numbers
 
 
 def kernel_version():
@@ -134,5 +137,15 @@ def plan(spec, opts, source, release=None, btf_offsets=None):
         for member, (offset, size) in (offsets or {}).items():
             found[f"{struct_name}.{member}"] = (offset, size)
             defs[f"OFF_{struct_name.upper()}_{member.upper()}"] = offset
+    if "sock_cgroup_data" in spec.btf:  # an event tool: the socket's workload (workload.bpf.h)
+        mode, _how = workload.mode(found)
+        if opts.netns and not workload.netns_readable(found):
+            raise KernelTooOldError("--netns needs the kernel's BTF to have sock_common.skc_net, net.ns and "
+                                    "ns_common.inum, and this kernel's does not.")
+        more, entries = workload.filter_settings(opts.cgroups, opts.netns, mode)
+        defs.update(mode)
+        defs.update(more)
+        for name, values in entries.items():
+            maps.setdefault(name, []).extend(values)
     text = codegen.program(spec, formats, defs, release)
     return Plan(text, formats, missing, use_ring, found, release, maps, symbols)

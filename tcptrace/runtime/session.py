@@ -49,9 +49,15 @@ class Session:
         self.stream = None
         self.losses = Losses()
         self.flushed_rows = 0  # rows written and flushed
-        self.counting = bool(opts.count and spec.counter)
+        counter = spec.counter
+        # Histograms instead of rows, when the tool's options ask for them.
+        self.histogram = counter.histogram if counter and counter.histogram and \
+            counter.histogram.wanted(opts.tool) else None
+        self.counting = bool(counter and (opts.count or counter.always or self.histogram))
         self.buffered = buffer and not self.counting
         self.attached = []  # the tracepoints attached, in the spec's order
+        self.generation = 0  # counter.generations: the one the kernel counts under
+        self._since = self._since_wall = None  # when the interval being counted began
 
     def say(self, text):
         self.err.write(f"tcptrace: {text}\n")
@@ -80,7 +86,11 @@ class Session:
         from ..procfs import OwnerResolver
 
         self.ctx.owners = OwnerResolver()
-        functions = [tp.function for tp in self.spec.tracepoints if tp.name in self.plan.formats]
+        if "cgroup_id" in self.spec.event.names:
+            from ..workload import Resolver
+
+            self.ctx.workload = Resolver()
+        functions = [tp.function for tp in self.spec.tracepoints if self._used(tp)]
         self.program = build.load(self.plan, f"`tcptrace {self.spec.name}`", functions, self.verbose, self.err)
         t1 = time.monotonic()
         self._fill_maps()
@@ -136,14 +146,24 @@ class Session:
             except OSError:  # the map is full: those owners stay unknown
                 break
 
+    def _used(self, tp):
+        """Whether the run attaches to tp: it is on this kernel and, for a
+        stand-in, what it stands in for is not."""
+        formats = self.plan.formats
+        return tp.name in formats and not (tp.instead_of and all(n in formats for n in tp.instead_of))
+
     def _attach(self):
         root = tracefs.find_mount()  # the live tracefs: the formats may come from elsewhere, the IDs may not
         for tp in self.spec.tracepoints:
-            if tp.name not in self.plan.formats:
+            if not self._used(tp):
                 continue
+            if tp.instead_of and tp.why:
+                gone = ", ".join(n for n in tp.instead_of if n not in self.plan.formats)
+                self.say(f"this kernel has no {gone} (Linux {tp_since(tp.instead_of)}+): {tp.why}")
             try:
                 self.program.attach(root, tp.name, tp.function)
                 self.attached.append(tp.name)
+                self.ctx.tracepoints = tuple(self.attached)
             except Exception as e:
                 self.close()
                 raise BuildError(
@@ -177,51 +197,144 @@ class Session:
         """Every (key, value) of a hash map, as bytes."""
         return list(self.map(name).items())
 
-    def read_counts(self, clear):
-        """Rows of the in-kernel counts, busiest first, COUNT last."""
-        counter = self.spec.counter
-        table = self.map("counts")
-        items = table.pop_all() if clear else list(table.items())
-        rows = []
-        for raw, value in items:
+    def _entries(self, name, layout, clear):
+        """(key values, value bytes) of a hash map, emptied when clear; a
+        key that does not unpack is malformed."""
+        table = self.map(name)
+        for raw, value in table.pop_all() if clear else list(table.items()):
             try:
-                values = counter.key.struct.unpack(raw[: counter.key.size])
-                row = counter.decode(values, self.ctx)
+                yield layout.struct.unpack(raw[: layout.size]), value
+            except Exception:
+                self.losses.malformed += 1
+
+    def _take_generation(self):
+        """Advance the generation the kernel counts under, wait until no
+        program can still be writing under the old one, and return the name
+        of the old one's hash (Counter.generations)."""
+        old = self.generation
+        self.generation = (old + 1) & 0xFFFFFFFF
+        self.map("generation").update((0).to_bytes(4, sys.byteorder), self.generation.to_bytes(4, sys.byteorder))
+        if not rcu_grace_period():
+            time.sleep(GRACE_S)
+        return "counts_odd" if old & 1 else "counts"
+
+    def _interval(self):
+        """(start, seconds) of the interval that ends now: start in seconds
+        of the wall clock, seconds measured on the monotonic one."""
+        now, wall = time.monotonic(), time.time()
+        if self._since is None:
+            self._since, self._since_wall = now, wall
+        interval = (self._since_wall, now - self._since)
+        self._since, self._since_wall = now, wall
+        return interval
+
+    def _default_top(self):
+        """Counter.top for a table: the rows that fit a terminal, else its
+        number; JSON and CSV get every row."""
+        counter = self.spec.counter
+        stream = self.writer.stream
+        if self.opts.output != "table":
+            return 0
+        if counter.redraw and _isatty(stream):
+            import os
+
+            try:
+                return max(1, os.get_terminal_size(stream.fileno()).lines - 3)  # title, header, prompt
+            except (AttributeError, ValueError, OSError):
+                pass
+        return counter.top
+
+    def count_columns(self):
+        counter = self.spec.counter
+        count = [Column("count", counter.count_header, 8, "d", right=True)] if counter.value is None or \
+            counter.count else []
+        return list(counter.columns) + count
+
+    def read_counts(self, clear):
+        """Rows of the in-kernel counts, busiest first, COUNT last (when
+        the counter has one); the columns and the title line are left in
+        self.columns and self.title."""
+        counter = self.spec.counter
+        name = self._take_generation() if counter.generations else "counts"
+        interval = self._interval()
+        rows = []
+        for key, value in self._entries(name, counter.key, clear or counter.generations):
+            try:
+                if counter.value is None:
+                    row = tuple(counter.decode(key, self.ctx)) + (int.from_bytes(value[:8], sys.byteorder),)
+                else:
+                    values = counter.value.struct.unpack(value[: counter.value.size])
+                    row = tuple(counter.decode(key, values, self.ctx))
+                    if counter.count:
+                        row += (values[counter.value.names.index(counter.count)],)
             except Exception:
                 self.losses.malformed += 1
                 continue
-            rows.append(tuple(row) + (int.from_bytes(value[:8], sys.byteorder),))
-        rows.sort(key=lambda r: r[-1], reverse=True)
-        if self.opts.top:
-            rows = rows[: self.opts.top]
+            rows.append(row)
+        self.columns = self.count_columns()
+        if counter.finish:
+            self.columns, rows = counter.finish(self.opts.tool, self.columns, rows, interval, self.ctx)
+        rank = [c.key for c in self.columns].index(counter.rank) if counter.rank else -1
+        rows.sort(key=lambda r: r[rank] or 0, reverse=True)
+        self.title = counter.title(rows, interval, self.ctx) if counter.title else None
+        top = self.opts.top or self._default_top()
+        if top:
+            rows = rows[:top]
         return rows
 
+    def read_histograms(self, clear):
+        """[(label, [(low, high, count)])], the fullest histogram first; a
+        per-CPU value is the sum of its CPUs' u64s."""
+        from .. import hist
+
+        spec = self.histogram
+        slots = {}
+        for key, value in self._entries("hist", spec.key, clear):
+            count = sum(int.from_bytes(value[i : i + 8], sys.byteorder) for i in range(0, len(value) - 7, 8))
+            group = slots.setdefault(key[:-1], {})
+            group[key[-1]] = group.get(key[-1], 0) + count
+        out = [(spec.label(self.opts.tool, key, self.ctx), hist.buckets(group)) for key, group in slots.items()]
+        out.sort(key=lambda h: (-hist.total(h[1]), h[0]))
+        return out[: self.opts.top] if self.opts.top else out
+
     def print_counts(self, clear):
-        columns = list(self.spec.counter.columns) + [Column("count", "COUNT", 8, "d", right=True)]
         title = time.strftime("%H:%M:%S") if self.opts.interval else None
-        self.writer.summary(columns, self.read_counts(clear), title=title)
+        if self.histogram:
+            self.writer.histograms(self.read_histograms(clear), self.histogram.unit(self.opts.tool), title=title)
+        else:
+            counter = self.spec.counter
+            rows = self.read_counts(clear)
+            redraw = bool(counter.redraw and counter.redraw(self.opts.tool) and _isatty(self.writer.stream))
+            self.writer.summary(self.columns, rows, title=self.title or title, redraw=redraw)
         self.writer.flush()
 
     # -- the loops ------------------------------------------------------------
 
     def run_counting(self):
-        start = time.monotonic()
+        start = self._since = time.monotonic()
+        self._since_wall = time.time()
         deadline = start + self.opts.duration if self.opts.duration else None
         next_print = start + self.opts.interval if self.opts.interval else None
+        counter = self.spec.counter
+        limit = (self.opts.tool.get(counter.intervals) or 0) if counter and counter.intervals else 0
+        printed = 0
         with Stopper() as stopper:
             try:
-                while not stopper.stop:
+                while not stopper.stop and not (limit and printed >= limit):
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         break
                     if next_print is not None and now >= next_print:
                         with stopper.output():
                             self.print_counts(clear=True)
+                        printed += 1
                         next_print += self.opts.interval
-                    time.sleep(min(0.1, max(0.001, (deadline or now + 1) - now)))
+                        continue
+                    time.sleep(min(0.1, max(0.001, (deadline or now + 1) - now), max(0.001, (next_print or now + 1) - now)))
                 self.read_stats()
-                with stopper.output():
-                    self.print_counts(clear=bool(self.opts.interval))
+                if not (limit and printed >= limit):
+                    with stopper.output():
+                        self.print_counts(clear=bool(self.opts.interval))
             except StopWriting:  # stdout takes no more: drop what it holds
                 silence_stdout()
             return self.final_report(stopper, buffer_losses=False)
@@ -312,6 +425,41 @@ class Session:
             self.program = None
 
 
+# How long a read of a generation waits where the kernel refuses membarrier
+# (nohz_full): a tracepoint's programs run for microseconds.
+GRACE_S = 0.05
+MEMBARRIER_CMD_GLOBAL = 1
+_MEMBARRIER_NR = {"x86_64": 324, "aarch64": 283, "ppc64le": 365, "s390x": 356, "riscv64": 283}
+
+
+def rcu_grace_period():
+    """Wait until every BPF program running now on any CPU has returned;
+    False where the kernel will not say. MEMBARRIER_CMD_GLOBAL is
+    synchronize_rcu(), and the programs of a tracepoint run inside one RCU
+    read-side section (trace_call_bpf)."""
+    import ctypes
+    import platform
+
+    nr = _MEMBARRIER_NR.get(platform.machine())
+    if nr is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(nr, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def tp_since(names):
+    from ..tracepoints import since
+
+    return max((since(n) for n in names), key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
 def first_line(exc):
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else exc.__class__.__name__
@@ -321,10 +469,12 @@ def run(spec, opts, writer, err=sys.stderr):
     session = Session(spec, opts, writer, err)
     try:
         session.open()
+        # Before anything reaches stdout: a reader that is gone or a full
+        # disk must not hide that the programs were attached.
+        session.announce()
         if not session.counting:
             writer.header()
             writer.flush()
-        session.announce()
         return session.run()
     finally:
         session.close()

@@ -3,7 +3,9 @@ tcpaccept, from the state tracepoint)."""
 
 from .. import net
 from ..layout import Layout
-from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
+from ..spec import (CGROUP_COLUMN, IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, WORKLOAD_COLUMNS, WORKLOAD_FIELDS,
+                    Column, DecodeContext, Example, ToolSpec, with_workload_btf)
+from ..workload import CGROUPS, row as workload_row  # noqa: F401 (CGROUPS: the columns' values)
 
 EVENT = Layout(
     [
@@ -19,15 +21,18 @@ EVENT = Layout(
         ("saddr", "u8[16]"),
         ("daddr", "u8[16]"),
         ("comm", "char[16]"),
+        *WORKLOAD_FIELDS,
     ]
 )
 
 COLUMNS = (
+    CGROUP_COLUMN,
     Column("pid", "PID", 7, "d", nullable=True, value="pid if owner_known else None"),
     Column("comm", "COMM", 10, truncate=True, nullable=True, value="COMM[comm] if owner_known else None"),
     IP_COLUMN,
     *ENDPOINT_COLUMNS,
     Column("syn_recv_ms", "SYN_RECV(ms)", 0, ".3f", value="syn_recv_ns / 1e6"),
+    *WORKLOAD_COLUMNS,
 )
 
 
@@ -35,9 +40,11 @@ _COMM, _ADDRESS, _VERSION = net.COMM, net.ADDRESS, net.IP_VERSION
 
 
 def decode(ev, ctx: DecodeContext):
-    _ts, _skaddr, syn_recv_ns, pid, family, lport, rport, known, _unused, saddr, daddr, comm = ev
+    _ts, _skaddr, syn_recv_ns, pid, family, lport, rport, known, _unused, saddr, daddr, comm, cgroup_id, netns = ev
     address = _ADDRESS[family]
+    work = workload_row(ctx, cgroup_id, netns)
     return (
+        work[0],
         pid if known else None,
         _COMM[comm] if known else None,
         _VERSION[family],
@@ -46,6 +53,7 @@ def decode(ev, ctx: DecodeContext):
         address[daddr],
         rport,
         syn_recv_ns / 1e6,
+        *work[1:],
     )
 
 
@@ -69,6 +77,7 @@ SPEC = ToolSpec(
         STATE_CHANGES,
     ),
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide"),
+    btf=with_workload_btf({}),
     notes=(
         "The row is written when the handshake completes, not when the application calls "
         "accept(): bcc's tcpaccept reports the accept() call from a kretprobe on "

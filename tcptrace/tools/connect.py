@@ -6,7 +6,9 @@ import errno
 
 from .. import net
 from ..layout import Layout
-from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import (CGROUP_COLUMN, IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, WORKLOAD_COLUMNS, WORKLOAD_FIELDS,
+                    Column, DecodeContext, Example, ToolSpec, Tracepoint, with_workload_btf)
+from ..workload import CGROUPS, row as workload_row  # noqa: F401 (CGROUPS: the columns' values)
 
 ERROR_UNKNOWN = -1  # the kernel has no BTF: sk_err could not be read
 
@@ -32,16 +34,19 @@ EVENT = Layout(
         ("saddr", "u8[16]"),
         ("daddr", "u8[16]"),
         ("comm", "char[16]"),
+        *WORKLOAD_FIELDS,
     ]
 )
 
 COLUMNS = (
+    CGROUP_COLUMN,
     Column("pid", "PID", 7, "d", value="pid"),
     Column("comm", "COMM", 10, truncate=True, value="COMM[comm]"),
     IP_COLUMN,
     *ENDPOINT_COLUMNS,
     Column("lat_ms", "LAT(ms)", 8, ".3f", right=True, value="lat_ns / 1e6"),
     Column("result", "RESULT", value='result(failed, reset, error) if failed else "OK"'),
+    *WORKLOAD_COLUMNS,
 )
 
 
@@ -60,9 +65,11 @@ _COMM, _ADDRESS, _VERSION = net.COMM, net.ADDRESS, net.IP_VERSION
 
 
 def decode(ev, ctx: DecodeContext):
-    _ts, _skaddr, lat_ns, pid, error, family, lport, rport, failed, reset, saddr, daddr, comm = ev
+    _ts, _skaddr, lat_ns, pid, error, family, lport, rport, failed, reset, saddr, daddr, comm, cgroup_id, netns = ev
     address = _ADDRESS[family]
+    work = workload_row(ctx, cgroup_id, netns)
     return (
+        work[0],
         pid,
         _COMM[comm],
         _VERSION[family],
@@ -72,6 +79,7 @@ def decode(ev, ctx: DecodeContext):
         rport,
         lat_ns / 1e6,
         result(failed, reset, error),
+        *work[1:],
     )
 
 
@@ -99,7 +107,7 @@ SPEC = ToolSpec(
     ),
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide",
              "failed"),
-    btf={"sock": ("sk_err",)},
+    btf=with_workload_btf({"sock": ("sk_err",)}),
     notes=(
         "A connect() that fails before the kernel sends its SYN (no route, no free local "
         "port) never reaches SYN_SENT and is not shown: seeing it would need a kprobe on "

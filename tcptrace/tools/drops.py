@@ -6,7 +6,10 @@ import struct
 from .. import net, tcpstate
 from ..layout import Layout
 from ..spec import (
+    CGROUP_COLUMN,
     IP_COLUMN,
+    WORKLOAD_COLUMNS,
+    WORKLOAD_FIELDS,
     BadOption,
     Column,
     Counter,
@@ -16,7 +19,9 @@ from ..spec import (
     Settings,
     ToolSpec,
     Tracepoint,
+    with_workload_btf,
 )
+from ..workload import CGROUPS, row as workload_row  # noqa: F401 (CGROUPS: the columns' values)
 
 REASON_SYMBOLS = "skb:kfree_skb.reason"
 # The kernel's enum starts with values that are not drops: NOT_DROPPED_YET,
@@ -42,6 +47,7 @@ EVENT = Layout(
         ("unused", "u8"),
         ("hdr", f"u8[{HDR_BYTES}]"),
         ("comm", "char[16]"),
+        *WORKLOAD_FIELDS,
     ]
 )
 
@@ -52,6 +58,7 @@ OWNER = ("sock:inet_sock_set_state",)
 ENDPOINT, ENDPOINT_WIDE = 21, 47
 
 COLUMNS = (
+    CGROUP_COLUMN,
     Column("pid", "PID", 7, "d", requires=OWNER, nullable=True,
            value="pid if values_known & OWNER_KNOWN else None"),
     Column("comm", "COMM", table=False, requires=OWNER, nullable=True),
@@ -68,6 +75,7 @@ COLUMNS = (
            value="tcpstate.name(state) if values_known & STATE_KNOWN else None"),
     Column("flags", "FLAGS", 5, value="flag_letters(parse_headers(family, hdr)[4])"),
     Column("reason", "REASON", value="reason_name(reason, ctx)"),
+    *WORKLOAD_COLUMNS,
 )
 
 COUNT_COLUMNS = (
@@ -102,10 +110,12 @@ def parse_headers(family, hdr):
 
 
 def decode(ev, ctx: DecodeContext):
-    _ts, pid, reason, state, family, known, _unused, hdr, comm = ev
+    _ts, pid, reason, state, family, known, _unused, hdr, comm, cgroup_id, netns = ev
     saddr, sport, daddr, dport, flags = parse_headers(family, hdr)
     owned = known & OWNER_KNOWN
+    work = workload_row(ctx, cgroup_id, netns)
     return (
+        work[0],
         pid if owned else None,
         net.COMM[comm] if owned else None,
         net.IP_VERSION[family],
@@ -118,6 +128,7 @@ def decode(ev, ctx: DecodeContext):
         tcpstate.name(state) if known & STATE_KNOWN else None,
         flag_letters(flags),
         reason_name(reason, ctx),
+        *work[1:],
     )
 
 
@@ -204,7 +215,7 @@ SPEC = ToolSpec(
                choices=("reason", "lport"), default="reason", goes_with="count"),
     ),
     configure=configure,
-    btf={"sk_buff": ("head", "network_header", "sk"), "sock_common": ("skc_num", "skc_state")},
+    btf=with_workload_btf({"sk_buff": ("head", "network_header", "sk"), "sock_common": ("skc_num", "skc_state")}),
     counter=Counter(key=COUNT_KEY, columns=COUNT_COLUMNS, decode=decode_count),
     notes=(
         "Needs the kernel's BTF (/sys/kernel/btf/vmlinux) for the packet headers. Only a TCP "

@@ -3,7 +3,9 @@ with byte counts read at offsets from the running kernel's BTF."""
 
 from .. import net
 from ..layout import Layout
-from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import (CGROUP_COLUMN, IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, WORKLOAD_COLUMNS, WORKLOAD_FIELDS,
+                    Column, DecodeContext, Example, ToolSpec, Tracepoint, with_workload_btf)
+from ..workload import CGROUPS, row as workload_row  # noqa: F401 (CGROUPS: the columns' values)
 
 # Appended to MS in the table when tracing began after the session did: the
 # lifespan is then a lower bound. A suffix keeps the column count, and awk's
@@ -37,6 +39,7 @@ EVENT = Layout(
         ("saddr", "u8[16]"),
         ("daddr", "u8[16]"),
         ("comm", "char[16]"),
+        *WORKLOAD_FIELDS,
     ]
 )
 
@@ -45,6 +48,7 @@ EVENT = Layout(
 _KB = "{} // 1024 if bytes_known and _counters_trusted(ctx) else None"
 
 COLUMNS = (
+    CGROUP_COLUMN,
     Column("pid", "PID", 5, "d", wide=7, nullable=True, value="pid or None"),
     Column("comm", "COMM", 10, truncate=True, wide=16, nullable=True, value="COMM[comm] if pid else None"),
     IP_COLUMN,
@@ -65,6 +69,7 @@ COLUMNS = (
     Column("ms", "MS", table=False, type="number"),
     Column("partial", "PARTIAL", table=False, type="boolean"),
     Column("ms_text", "MS", 0, json=False, value="'%.2f%s' % (span_ns / 1e6, PARTIAL_MARK if partial else '')"),
+    *WORKLOAD_COLUMNS,
 )
 
 
@@ -82,12 +87,14 @@ _COMM, _ADDRESS, _VERSION = net.COMM, net.ADDRESS, net.IP_VERSION
 
 def decode(ev, ctx: DecodeContext):
     (_ts, span_ns, connect_ns, tx, rx, pid, retransmits, family, lport, rport,
-     partial, bytes_known, connect_known, retrans_known, closer, saddr, daddr, comm) = ev
+     partial, bytes_known, connect_known, retrans_known, closer, saddr, daddr, comm, cgroup_id, netns) = ev
     if not (bytes_known and _counters_trusted(ctx)):
         tx = rx = None
     ms = span_ns / 1e6
     address = _ADDRESS[family]
+    work = workload_row(ctx, cgroup_id, netns)
     return (
+        work[0],
         pid or None,
         _COMM[comm] if pid else None,
         _VERSION[family],
@@ -105,6 +112,7 @@ def decode(ev, ctx: DecodeContext):
         ms,
         bool(partial),
         f"{ms:.2f}{PARTIAL_MARK if partial else ''}",
+        *work[1:],
     )
 
 
@@ -153,8 +161,11 @@ SPEC = ToolSpec(
         Example("tcptrace life -D 80", "only sessions with remote port 80"),
         Example("tcptrace life -x", "add retransmits, who closed and connect latency"),
         Example("tcptrace life -o json", "one JSON object per session, exact byte counts"),
+        Example("tcptrace life --cgroup /sys/fs/cgroup/system.slice/nginx.service",
+                "only sessions of nginx's service (its cgroup and those below it)"),
+        Example("tcptrace life --show-cgroup", "add a CGROUP column: container id or cgroup path"),
     ),
-    btf={"tcp_sock": ["bytes_acked", "bytes_received"]},
+    btf=with_workload_btf({"tcp_sock": ["bytes_acked", "bytes_received"]}),
     notes=(
         "PID and COMM are the socket's owner: the process that called connect() or "
         "listen(), replaced by any process that later closes or shuts it down; they are "

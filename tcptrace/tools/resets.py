@@ -3,7 +3,9 @@ socket's state and, where the kernel gives it, why it was sent."""
 
 from .. import net, tcpstate
 from ..layout import Layout
-from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, Column, Counter, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import (CGROUP_COLUMN, IP_COLUMN, ENDPOINT_COLUMNS, WORKLOAD_COLUMNS, WORKLOAD_FIELDS, Column, Counter,
+                    DecodeContext, Example, ToolSpec, Tracepoint, with_workload_btf)
+from ..workload import CGROUPS, row as workload_row  # noqa: F401 (CGROUPS: the columns' values)
 
 SENT, RECV = 0, 1
 DIRECTIONS = {SENT: "SENT", RECV: "RECV"}
@@ -25,10 +27,12 @@ EVENT = Layout(
         ("saddr", "u8[16]"),
         ("daddr", "u8[16]"),
         ("comm", "char[16]"),
+        *WORKLOAD_FIELDS,
     ]
 )
 
 COLUMNS = (
+    CGROUP_COLUMN,
     Column("pid", "PID", 7, "d", nullable=True),
     Column("comm", "COMM", 10, truncate=True, nullable=True),
     IP_COLUMN,
@@ -36,6 +40,7 @@ COLUMNS = (
     *ENDPOINT_COLUMNS,
     Column("state", "STATE", 11, nullable=True),
     Column("reason", "REASON", requires=("tcp:tcp_send_reset.reason",), nullable=True),
+    *WORKLOAD_COLUMNS,
 )
 
 COUNT_KEY = Layout(
@@ -71,8 +76,10 @@ def direction(value):
 
 
 def decode(ev, ctx: DecodeContext):
-    _ts, _skaddr, pid, state, reason, family, lport, rport, dir_, known, saddr, daddr, comm = ev
+    _ts, _skaddr, pid, state, reason, family, lport, rport, dir_, known, saddr, daddr, comm, cgroup_id, netns = ev
+    work = workload_row(ctx, cgroup_id, netns)
     return (
+        work[0],
         pid if known else None,
         net.COMM[comm] if known else None,
         net.IP_VERSION.get(family, family),
@@ -83,6 +90,7 @@ def decode(ev, ctx: DecodeContext):
         rport,
         tcpstate.name(state) if state else None,
         reason_name(reason, ctx),
+        *work[1:],
     )
 
 
@@ -131,6 +139,7 @@ SPEC = ToolSpec(
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide",
              "count", "interval", "top"),
     counter=Counter(key=COUNT_KEY, columns=COUNT_COLUMNS, decode=decode_count),
+    btf=with_workload_btf({}),
     notes=(
         "Not seen: resets that netfilter sends (REJECT with tcp-reset) bypass TCP and its "
         "tracepoints. Before Linux 6.10 tcp_send_reset fires only for a full socket: resets "

@@ -3,7 +3,9 @@ tracepoints only; SYN-ACK retransmits as their own type."""
 
 from .. import net, tcpstate
 from ..layout import Layout
-from ..spec import ENDPOINT_COLUMNS, Column, Counter, DecodeContext, Example, ToolSpec, Tracepoint
+from ..spec import (CGROUP_COLUMN, ENDPOINT_COLUMNS, WORKLOAD_COLUMNS, WORKLOAD_FIELDS, Column, Counter, DecodeContext,
+                    Example, ToolSpec, Tracepoint, with_workload_btf)
+from ..workload import CGROUPS, owners_apply, row as workload_row  # noqa: F401 (CGROUPS: the columns' values)
 
 # Values and flags shared with retrans.bpf.c.
 RETRANS, SYNACK = 1, 2
@@ -25,6 +27,7 @@ EVENT = Layout(
         ("saddr", "u8[16]"),
         ("daddr", "u8[16]"),
         ("comm", "char[16]"),
+        *WORKLOAD_FIELDS,
     ]
 )
 
@@ -45,6 +48,7 @@ ENDPOINT, ENDPOINT_WIDE = 21, 47
 OWNER = ("sock:inet_sock_set_state",)  # else only sockets /proc can still name
 
 COLUMNS = (
+    CGROUP_COLUMN,
     Column("pid", "PID", 7, "d", requires=OWNER, nullable=True),
     Column("comm", "COMM", table=False, requires=OWNER, nullable=True),
     Column("family", "IP", 2, "d"),
@@ -58,6 +62,7 @@ COLUMNS = (
     Column("state", "STATE", 11, nullable=True),
     Column("type", "TYPE", table=False),
     Column("err", "ERR", table=False, type="integer", nullable=True),
+    *WORKLOAD_COLUMNS,
 )
 
 COUNT_COLUMNS = (
@@ -92,17 +97,21 @@ def _owner_from_proc(ctx, kind, family, laddr, lport, raddr, rport):
 
 
 def decode(ev, ctx: DecodeContext):
-    _ts, pid, state, err, family, lport, rport, kind, flags, saddr, daddr, comm = ev
+    _ts, pid, state, err, family, lport, rport, kind, flags, saddr, daddr, comm, cgroup_id, netns = ev
     laddr = net.ADDRESS[family][saddr]
     raddr = net.ADDRESS[family][daddr]
     name, arrow = TYPES.get(kind, (str(kind), "?>"))
     if flags & OWNER_KNOWN:
         owner = (pid, net.COMM[comm])
-    else:
+    elif owners_apply(ctx, netns):
         # Unknown to the kernel: a socket opened before tracing began.
         owner = _owner_from_proc(ctx, kind, family, laddr, lport, raddr, rport)
+    else:
+        owner = None  # /proc answers for tcptrace's own network namespace only
     pid, comm = owner or (None, None)
+    work = workload_row(ctx, cgroup_id, netns)
     return (
+        work[0],
         pid,
         comm,
         net.IP_VERSION.get(family, family),
@@ -116,6 +125,7 @@ def decode(ev, ctx: DecodeContext):
         tcpstate.name(state) if flags & STATE_KNOWN else None,
         name,
         err if flags & ERR_KNOWN else None,
+        *work[1:],
     )
 
 
@@ -174,6 +184,7 @@ SPEC = ToolSpec(
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide",
              "count", "interval", "top", "failed"),
     counter=Counter(key=COUNT_KEY, columns=COUNT_COLUMNS, decode=decode_count),
+    btf=with_workload_btf({}),
     always_time=True,
     notes=(
         "Tail loss probes (bcc's tcpretrans -l) are not shown: the kernel has no "

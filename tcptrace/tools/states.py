@@ -2,7 +2,9 @@
 
 from .. import net, tcpstate
 from ..layout import Layout
-from ..spec import IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, Column, DecodeContext, Example, ToolSpec
+from ..spec import (CGROUP_COLUMN, IP_COLUMN, ENDPOINT_COLUMNS, STATE_CHANGES, WORKLOAD_COLUMNS, WORKLOAD_FIELDS,
+                    Column, DecodeContext, Example, ToolSpec, with_workload_btf)
+from ..workload import CGROUPS, row as workload_row  # noqa: F401 (CGROUPS: the columns' values)
 
 DELTA_UNKNOWN = (1 << 64) - 1
 
@@ -20,10 +22,12 @@ EVENT = Layout(
         ("saddr", "u8[16]"),
         ("daddr", "u8[16]"),
         ("comm", "char[16]"),
+        *WORKLOAD_FIELDS,
     ]
 )
 
 COLUMNS = (
+    CGROUP_COLUMN,
     Column("skaddr", "SKADDR", 16, value='"%x" % skaddr'),  # hex text: JSON numbers past 2**53 lose digits
     Column("pid", "C-PID", 5, "d", value="pid"),
     Column("comm", "C-COMM", 10, truncate=True, value="COMM[comm]"),
@@ -33,6 +37,7 @@ COLUMNS = (
     Column("arrow", "->", 2, json=False, constant="->"),
     Column("newstate", "NEWSTATE", 11, value="STATE[newstate]"),
     Column("ms", "MS", 0, ".3f", nullable=True, value="None if delta_ns == DELTA_UNKNOWN else delta_ns / 1e6"),
+    *WORKLOAD_COLUMNS,
 )
 
 
@@ -40,9 +45,11 @@ _STATE, _COMM, _ADDRESS, _VERSION = tcpstate.NAME, net.COMM, net.ADDRESS, net.IP
 
 
 def decode(ev, ctx: DecodeContext):
-    _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm = ev
+    _ts, skaddr, delta_ns, pid, old, new, family, lport, rport, saddr, daddr, comm, cgroup_id, netns = ev
     address = _ADDRESS[family]
+    work = workload_row(ctx, cgroup_id, netns)
     return (
+        work[0],
         "%x" % skaddr,
         pid,
         _COMM[comm],
@@ -55,6 +62,7 @@ def decode(ev, ctx: DecodeContext):
         "->",
         _STATE[new],
         None if delta_ns == DELTA_UNKNOWN else delta_ns / 1e6,
+        *work[1:],
     )
 
 
@@ -77,6 +85,7 @@ SPEC = ToolSpec(
         STATE_CHANGES,
     ),
     options=("localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide"),
+    btf=with_workload_btf({}),
     examples=(
         Example("tcptrace states", "trace all TCP state changes"),
         Example("tcptrace states -T", "include a time column (HH:MM:SS)"),
