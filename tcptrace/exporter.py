@@ -28,14 +28,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import __version__, net, tcpstate
+from . import __version__, net, tcpstate, workload
 from .errors import EXIT_OK, TcptraceError
 from .layout import Layout
-from .spec import DecodeContext, Example, Option, Settings, ToolSpec, Tracepoint
-from .tools import connect, drops, resets
+from .spec import DecodeContext, Example, Option, Settings, ToolSpec, Tracepoint, with_workload_btf
+from .tools import connect, drops, probe, resets
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
 MAX_TOP_REMOTES = 1000  # the bound on --top-remotes: series per remote metric
+MAX_TOP_CGROUPS = 1000  # the bound on --top-cgroups: cgroups served
+# A cgroup the resolver has not found for this long is gone: its kernel
+# entry is deleted and its series are no longer served.
+CGROUP_EXPIRY_S = 60.0
 PREFIX = "tcptrace_"
 
 # -- the kernel side's struct and slots (exporter.bpf.c) ---------------------------
@@ -47,6 +51,7 @@ REASON_OTHER = 126
 REASON_NONE = 127
 ERRNO_SLOTS = 256
 DROPS_BEYOND = 64  # drop reasons past the format's table (subsystem reasons: 0x30001 ...)
+CA_SLOTS = 8  # congestion states: enum tcp_ca_state has 5
 
 COUNTERS = Layout(
     [
@@ -65,17 +70,23 @@ COUNTERS = Layout(
         ("connects_reset", "u64"),
         ("connects_unknown", "u64"),
         ("connect_errors", f"u64[{ERRNO_SLOTS}]"),
+        ("srtt_us", f"u64[{HIST_SLOTS}]"),
+        ("srtt_us_sum", "u64"),
+        ("ca_transitions", f"u64[{CA_SLOTS * CA_SLOTS}]"),
     ]
 )
 
 REMOTE_KEY = Layout([("addr", "u8[16]"), ("family", "u16"), ("unused", "u16[3]")])
 REMOTE_COUNTS = Layout([("connections", "u64"), ("retransmits", "u64")])
+CGROUP_COUNTS = Layout([("sessions", "u64"), ("connects_ok", "u64"), ("connects_failed", "u64"),
+                        ("retransmits", "u64"), ("resets_sent", "u64"), ("resets_received", "u64")])
 
 # Histogram buckets: slot k of the kernel's histograms holds values in
 # (2^(k-1), 2^k], so the bucket le=2^k is exact. Exported: this range of k,
 # the smaller slots folded into the first bucket (buckets are cumulative).
 DURATION_POWERS = range(10, 47)  # 2^10 ns (1 us) .. 2^46 ns (19.5 hours)
 BYTES_POWERS = range(0, 41)  # 1 byte .. 1 TiB
+SRTT_POWERS = range(0, 27)  # 1 us .. 2^26 us (67 s: past TCP_RTO_MAX, 120 s, only +Inf)
 
 # -- the series that exist before any event -----------------------------------------
 
@@ -107,6 +118,7 @@ RETRANSMIT_STATES = ("SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "CLOSIN
 # error is unknown and every failure without a reset is FAILED.
 CONNECT_RESULTS = ("OK", "REFUSED", "TIMEOUT", "CLOSED", "EHOSTUNREACH", "ENETUNREACH")
 CONNECT_RESULTS_NO_BTF = ("OK", "REFUSED", "FAILED")
+CA_SYMBOLS = "tcp:tcp_cong_state_set.cong_state"
 SENTINEL = "MAX"  # the end of a kernel enum's table, never a value
 
 # -- the metrics: the one place they are declared ----------------------------------
@@ -172,8 +184,34 @@ METRICS = (
     Metric(PREFIX + "remote_retransmits_total", "counter",
            "Retransmits towards each of the K remote addresses with the most.",
            ("remote",), "tcp:tcp_retransmit_skb", "--top-remotes K"),
+    Metric(PREFIX + "cgroup_sessions_total", "counter",
+           "TCP sessions that closed, by the cgroup v2 of their socket (a container's id when the path names "
+           "one, else the path), for the K busiest cgroups.",
+           ("cgroup",), "sock:inet_sock_set_state", "--top-cgroups K"),
+    Metric(PREFIX + "cgroup_connects_total", "counter",
+           "Active opens by how the handshake ended (OK or FAILED), by the socket's cgroup.",
+           ("cgroup", "result"), "sock:inet_sock_set_state", "--top-cgroups K"),
+    Metric(PREFIX + "cgroup_retransmits_total", "counter",
+           "Retransmits (as tcptrace_tcp_retransmits_total) by the socket's cgroup.",
+           ("cgroup",), "tcp:tcp_retransmit_skb", "--top-cgroups K"),
+    Metric(PREFIX + "cgroup_resets_total", "counter",
+           "Resets sent and received by a socket of the cgroup; a reset sent for no full socket (a closed "
+           "port, TIME_WAIT) belongs to no cgroup and is counted only in tcptrace_tcp_resets_total.",
+           ("cgroup", "direction"), "tcp:tcp_send_reset, tcp:tcp_receive_reset", "--top-cgroups K"),
+    Metric(PREFIX + "tcp_srtt_seconds", "histogram",
+           "Smoothed round-trip times, as tcp:tcp_probe reports them for every segment an established "
+           "connection receives (so a busy connection weighs more: it is a per-ACK sample, as `tcptrace "
+           "probe --hist rtt`). Buckets are powers of two microseconds. Not observed on kernels without "
+           "the tracepoint.",
+           (), "tcp:tcp_probe"),
+    Metric(PREFIX + "tcp_congestion_state_transitions_total", "counter",
+           "Changes of a connection's congestion state (Open, Disorder, CWR, Recovery, Loss), by old and "
+           "new state, for connections that began while the exporter ran (Linux 5.19+; a call that sets "
+           "the state the socket already has is not a change).",
+           ("from", "to"), "tcp:tcp_cong_state_set"),
     Metric(PREFIX + "lost_events_total", "counter",
-           "Events the kernel side could not count (the --top-remotes map could not take an address, or "
+           "Events the kernel side could not count (the --top-remotes or --top-cgroups map could not take an "
+           "address or a cgroup, or "
            f"more than {DROPS_BEYOND} distinct drop reasons past the kernel's table).",
            (), ""),
     Metric(PREFIX + "untracked_sockets_total", "counter",
@@ -222,6 +260,8 @@ SET_STATE = Tracepoint("sock:inet_sock_set_state",
                        since="4.16")
 
 DROPS = Tracepoint("skb:kfree_skb", fields=("skbaddr", "protocol", "reason"), optional=True)
+PROBE = Tracepoint("tcp:tcp_probe", fields=("sport", "dport", "srtt"), optional=True)
+CONG = Tracepoint("tcp:tcp_cong_state_set", fields=("skaddr", "sport", "dport", "cong_state"), optional=True)
 
 
 def drop_reasons(symbols):
@@ -239,10 +279,18 @@ def drop_slots(symbols):
     return 1 << top.bit_length()
 
 
+def cgroup_slots(k):
+    """The kernel's room for cgroups with --top-cgroups K: far more than K,
+    so the busiest are among them on any host but a pathological one."""
+    return min(65536, max(1024, 16 * k))
+
+
 def configure(values, symbols):
     defines = {}
     if values.get("top_remotes"):
         defines["TOP_REMOTES"] = min(65536, max(1024, 16 * values["top_remotes"]))
+    if values.get("top_cgroups"):
+        defines["TOP_CGROUPS"] = cgroup_slots(values["top_cgroups"])
     if drops.REASON_SYMBOLS in symbols:
         defines["DROP_REASON_SLOTS"] = drop_slots(symbols)
         defines["DROPS_BEYOND"] = DROPS_BEYOND
@@ -257,7 +305,8 @@ SPEC = ToolSpec(
     summary="Serve TCP metrics to Prometheus, counted in the kernel.",
     description=(
         "Serve Prometheus metrics over HTTP: TCP state changes, session lifespans and bytes, "
-        "retransmits, resets and drops with the kernel's reasons, connect results, and tcptrace's own "
+        "retransmits, resets and drops with the kernel's reasons, connect results, smoothed RTTs, congestion "
+        "state changes, and tcptrace's own "
         "health. Series whose labels are known in advance (states, reasons, results) are served at 0 "
         "from the first scrape. "
         "Everything is counted in the kernel; a scrape reads the counters once. No label names a "
@@ -276,6 +325,8 @@ SPEC = ToolSpec(
         Tracepoint("tcp:tcp_send_reset", fields=("skaddr", "saddr", "daddr"), optional=True),
         Tracepoint("tcp:tcp_receive_reset", fields=("skaddr", "sport", "dport"), optional=True),
         DROPS,
+        PROBE,
+        CONG,
     ),
     options=("localport", "remoteport"),
     own_options=(
@@ -283,19 +334,23 @@ SPEC = ToolSpec(
                "and a port.", metavar="ADDR:PORT", default=DEFAULT_LISTEN, parse=lambda v: parse_listen(v)),
         Option("top_remotes", ("--top-remotes",), "Also count per remote address and serve the K busiest "
                "(off by default: one series per address).", metavar="K", range=(1, MAX_TOP_REMOTES)),
+        Option("top_cgroups", ("--top-cgroups",), "Also count sessions, connects, retransmits and resets per "
+               "cgroup v2 of the socket and serve the K busiest, labelled with the container id or the cgroup "
+               "path (off by default).", metavar="K", range=(1, MAX_TOP_CGROUPS)),
         Option("web_config", ("--web-config",), "Serve over TLS and/or with basic auth, as this file says "
                "(Prometheus exporter-toolkit format, as node_exporter's --web.config.file); read at start.",
                metavar="FILE"),
     ),
     configure=configure,
-    btf={"tcp_sock": ("bytes_acked", "bytes_received"), "sock": ("sk_err",),
-         "sk_buff": ("head", "network_header", "sk"), "sock_common": ("skc_num",)},
+    btf=with_workload_btf({"tcp_sock": ("bytes_acked", "bytes_received"), "sock": ("sk_err",),
+                           "sk_buff": ("head", "network_header", "sk"), "sock_common": ("skc_num",)}),
     examples=(
         Example("tcptrace exporter", f"serve on {DEFAULT_LISTEN}"),
         Example("tcptrace exporter --listen 0.0.0.0:9464", "on every IPv4 address"),
         Example("tcptrace exporter --listen [::]:9464", "on every address, v6 and v4"),
         Example("tcptrace exporter -L 443", "count only local port 443"),
         Example("tcptrace exporter --top-remotes 20", "add the 20 busiest remotes"),
+        Example("tcptrace exporter --top-cgroups 50", "add the 50 busiest cgroups (containers)"),
         Example(f"curl -s http://{DEFAULT_LISTEN}/metrics", "what Prometheus reads"),
     ),
 )
@@ -313,6 +368,7 @@ class Snapshot:
     untracked: int = 0
     remotes: list = field(default_factory=list)  # (address text, connections, retransmits)
     drops: dict = field(default_factory=dict)  # drop reason number -> count
+    cgroups: dict = field(default_factory=dict)  # cgroup label -> CGROUP_COUNTS values
 
 
 def sum_cpus(per_cpu):
@@ -356,6 +412,20 @@ def decode_remotes(items):
         connections, retransmits = REMOTE_COUNTS.struct.unpack(value[: REMOTE_COUNTS.size])
         out.append((net.address(family, addr), connections, retransmits))
     return out
+
+
+def decode_cgroups(items):
+    """{cgroup id: (sessions, ...)} from the cgroups map's bytes."""
+    out = {}
+    for key, value in items:
+        out[int.from_bytes(key[:8], sys.byteorder)] = CGROUP_COUNTS.struct.unpack(value[: CGROUP_COUNTS.size])
+    return out
+
+
+def top_cgroups(cgroups, k):
+    """The k cgroups ({label: counts}) with the most counted, ties by label, idle ones left out."""
+    ranked = sorted((item for item in cgroups.items() if sum(item[1])), key=lambda item: (-sum(item[1]), item[0]))
+    return ranked[:k]
 
 
 def top(remotes, index, k):
@@ -413,6 +483,24 @@ def connect_results(c):
     return results
 
 
+def ca_states(symbols):
+    """{number: name} of the congestion states: the format's own table when
+    it has one, else enum tcp_ca_state (include/uapi/linux/tcp.h: a stable
+    user-space interface, whose names `tcptrace probe` shows too)."""
+    return dict(symbols.get(CA_SYMBOLS) or probe.CA_STATES)
+
+
+def ca_transitions(slots, symbols):
+    """{(from, to): count} of the kernel's ca_transitions array."""
+    names = ca_states(symbols)
+    out = {}
+    for slot, count in enumerate(slots):
+        old, new = divmod(slot, CA_SLOTS)
+        key = (names.get(old, str(old)), names.get(new, str(new)))
+        out[key] = out.get(key, 0) + count
+    return out
+
+
 def known_series(ctx, health):
     """The label values of each counter that are known before any event,
     for the tracepoints this run is attached to: {metric name: [labels]}."""
@@ -430,6 +518,9 @@ def known_series(ctx, health):
     if "tcp:tcp_receive_reset" in attached:
         resets_known.append(("received", "none"))
     out[PREFIX + "tcp_resets_total"] = resets_known
+    if CONG.name in attached:
+        names = [name for _number, name in sorted(ca_states(ctx.symbols).items()) if name != SENTINEL]
+        out[PREFIX + "tcp_congestion_state_transitions_total"] = [(a, b) for a in names for b in names if a != b]
     if counts_drops(ctx, health):
         out[PREFIX + "tcp_drops_total"] = [(name,) for _number, name in sorted(drop_reasons(ctx.symbols).items())]
     return out
@@ -455,7 +546,7 @@ def counter_family(name, counts, known):
     return family
 
 
-def families(snapshot, ctx, health, top_remotes=0):
+def families(snapshot, ctx, health, top_remotes=0, top_cgroups_k=0):
     """Every metric family of one scrape. `health` holds the build info and
     what is attached; `snapshot` is None when the counters could not be read."""
     out = []
@@ -491,6 +582,7 @@ def families(snapshot, ctx, health, top_remotes=0):
         ("tcp_session_duration_seconds", "duration_ns", DURATION_POWERS, 1e-9),
         ("tcp_session_sent_bytes", "tx_bytes", BYTES_POWERS, 1),
         ("tcp_session_received_bytes", "rx_bytes", BYTES_POWERS, 1),
+        ("tcp_srtt_seconds", "srtt_us", SRTT_POWERS, 1e-6),
     ):
         hist = _family(PREFIX + name)
         hist.add_metric([], histogram_buckets(c[key], powers, scale), c[key + "_sum"] * scale)
@@ -511,6 +603,9 @@ def families(snapshot, ctx, health, top_remotes=0):
 
     add("tcp_connects_total", {(result,): count for result, count in connect_results(c).items()})
 
+    if CONG.name in health["attached"]:
+        add("tcp_congestion_state_transitions_total", ca_transitions(c["ca_transitions"], ctx.symbols))
+
     if counts_drops(ctx, health):
         add("tcp_drops_total", {(drops.reason_name(reason, ctx),): count for reason, count in snapshot.drops.items()})
 
@@ -521,6 +616,19 @@ def families(snapshot, ctx, health, top_remotes=0):
                 remote.add_metric([addr], count)
             out.append(remote)
 
+    if top_cgroups_k:
+        busiest = top_cgroups(snapshot.cgroups, top_cgroups_k)
+        fields = dict(zip(CGROUP_COUNTS.names, range(len(CGROUP_COUNTS.names))))
+        for name, columns in (("cgroup_sessions_total", (("sessions", ()),)),
+                              ("cgroup_connects_total", (("connects_ok", ("OK",)), ("connects_failed", ("FAILED",)))),
+                              ("cgroup_retransmits_total", (("retransmits", ()),)),
+                              ("cgroup_resets_total", (("resets_sent", ("sent",)), ("resets_received", ("received",))))):
+            family = _family(PREFIX + name)
+            for label, counts in busiest:
+                for column, extra in columns:
+                    family.add_metric([label, *extra], counts[fields[column]])
+            out.append(family)
+
     lost = _family(PREFIX + "lost_events_total")
     lost.add_metric([], snapshot.lost)
     out.append(lost)
@@ -530,13 +638,60 @@ def families(snapshot, ctx, health, top_remotes=0):
     return out
 
 
+class CgroupLabels:
+    """cgroup id -> the label served (the container id when the path names
+    one, else the path), and which ids are gone. A cgroup whose directory is
+    gone (rmdir, or its inode now another's) is gone at once; an id never
+    found in the hierarchy is given `expiry` seconds (a cgroup made since
+    the last walk) before it is taken as gone."""
+
+    def __init__(self, resolver, expiry=CGROUP_EXPIRY_S, clock=time.monotonic):
+        self.resolver, self.expiry, self.clock = resolver, expiry, clock
+        self.unseen = {}  # id -> when it was first not found
+
+    def _alive(self, cgroup_id, path):
+        try:
+            return os.stat(os.path.join(self.resolver.mount, path.lstrip("/"))).st_ino == cgroup_id
+        except OSError:
+            return False
+
+    def label(self, cgroup_id):
+        """(label or None, gone)."""
+        path = self.resolver.resolve(cgroup_id)
+        if path is not None and self._alive(cgroup_id, path):
+            self.unseen.pop(cgroup_id, None)
+            container, _pod = workload.container_of(path)
+            return container or path, False
+        if path is not None:
+            return None, True  # resolved before, its directory is gone now
+        first = self.unseen.setdefault(cgroup_id, self.clock())
+        if self.clock() - first >= self.expiry:
+            del self.unseen[cgroup_id]
+            return None, True
+        return None, False
+
+    def sort(self, counts):
+        """({label: summed counts}, [ids that are gone]) of {id: counts}."""
+        out, gone = {}, []
+        for cgroup_id, values in counts.items():
+            label, is_gone = self.label(cgroup_id)
+            if is_gone:
+                gone.append(cgroup_id)
+            elif label is not None:
+                have = out.get(label)
+                out[label] = tuple(a + b for a, b in zip(have, values)) if have else tuple(values)
+        return out, gone
+
+
 class Collector:
     """A prometheus_client collector over a loaded session: each scrape
     reads the kernel's counters once."""
 
-    def __init__(self, session, top_remotes=0):
+    def __init__(self, session, top_remotes=0, top_cgroups=0):
         self.session = session
         self.top_remotes = top_remotes
+        self.top_cgroups = top_cgroups
+        self.cgroups = CgroupLabels(workload.Resolver()) if top_cgroups else None
         self.lock = threading.Lock()
         self.failed = False
         self.ctx = DecodeContext(symbols=session.ctx.symbols, btf=session.ctx.btf)
@@ -557,7 +712,21 @@ class Collector:
         remotes = decode_remotes(session.read_table("remotes")) if self.top_remotes else []
         dropped = (sum_drops(session.read_percpu("drops"), self.drop_slots, session.read_table("drops_beyond"))
                    if self.drops else {})
-        return Snapshot(counters, session.losses.lost, session.losses.untracked, remotes, dropped)
+        cgroups = self.read_cgroups() if self.top_cgroups else {}
+        return Snapshot(counters, session.losses.lost, session.losses.untracked, remotes, dropped, cgroups)
+
+    def read_cgroups(self):
+        """{label: counts}; the kernel's entries of cgroups that are gone
+        are deleted, which makes room and ends their series."""
+        table = self.session.map("cgroups")
+        by_label, gone = self.cgroups.sort(decode_cgroups(table.items()))
+        delete = getattr(table, "delete", None)
+        for cgroup_id in gone if delete else ():
+            try:
+                delete(cgroup_id.to_bytes(8, sys.byteorder))
+            except OSError:
+                pass  # already gone
+        return by_label
 
     def collect(self):
         with self.lock:
@@ -569,7 +738,7 @@ class Collector:
                     self.session.say(f"reading the kernel's counters failed: {e}")
                 self.failed = True
                 snap = None
-        return families(snap, self.ctx, self.health, self.top_remotes)
+        return families(snap, self.ctx, self.health, self.top_remotes, self.top_cgroups)
 
 
 # -- serving -----------------------------------------------------------------------
@@ -622,6 +791,10 @@ def serve(listen, opts, top_remotes=0, err=sys.stderr):
 
     path = (opts.tool or {}).get("web_config")
     config = webconfig.load(path) if path else webconfig.WebConfig()  # a bad file ends here: exit 2
+    top_cgroups = (opts.tool or {}).get("top_cgroups") or 0
+    if top_cgroups and not workload.cgroup2_mount():
+        raise TcptraceError("--top-cgroups needs the cgroup v2 hierarchy, and none is mounted "
+                            "(mount -t cgroup2 none /sys/fs/cgroup/unified).")
     host, port, version = listen
     sock = bind(host, port, version)
     session = runtime.Session(SPEC, opts, writer=None, err=err, buffer=False)
@@ -629,7 +802,7 @@ def serve(listen, opts, top_remotes=0, err=sys.stderr):
     try:
         session.open()
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(Collector(session, top_remotes))
+        registry.register(Collector(session, top_remotes, top_cgroups))
         server = webconfig.MetricsServer(sock, registry, config).start()
         where = f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
         url = f"{server.scheme}://{where}/metrics"

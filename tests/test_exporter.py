@@ -47,6 +47,8 @@ def test_bad_listen_is_a_usage_error(value):
 
 
 @pytest.mark.parametrize("args", [["--top-remotes", "0"], ["--top-remotes", str(exporter.MAX_TOP_REMOTES + 1)],
+                                  ["--top-cgroups", "0"], ["--top-cgroups", str(exporter.MAX_TOP_CGROUPS + 1)],
+                                  ["--top-cgroups", "-1"],
                                   ["--top-remotes", "x"], ["-L", "0"], ["-D", "80,,81"], ["-p", "1"],
                                   ["-o", "json"]])
 def test_bad_options_are_usage_errors(args):
@@ -98,6 +100,7 @@ def test_ebpf_prints_the_program_without_root():
                                       "-L", "443", "--top-remotes", "5"])
     assert result.exit_code == 0, result.output
     assert "#define FILTER_LPORTS 1" in result.output and "#define TOP_REMOTES 1024" in result.output
+    assert "#define TOP_CGROUPS" not in result.output
     assert "int on_tcp_send_reset(struct tp_tcp_send_reset *args)" in result.output
 
 
@@ -105,7 +108,8 @@ def test_ebpf_prints_the_program_without_root():
 
 
 def test_slot_counts_and_sizes_are_the_programs():
-    for name in ("STATE_SLOTS", "HIST_SLOTS", "REASON_SLOTS", "REASON_OTHER", "REASON_NONE", "ERRNO_SLOTS"):
+    for name in ("STATE_SLOTS", "HIST_SLOTS", "REASON_SLOTS", "REASON_OTHER", "REASON_NONE", "ERRNO_SLOTS",
+                 "CA_SLOTS"):
         assert re.search(rf"^#define {name} {getattr(exporter, name)}$", SOURCE, re.M), name
     # Indexes are masked (SLOT()): every array size is a power of two.
     for name, ftype in exporter.COUNTERS.fields:
@@ -132,13 +136,13 @@ def no_btf(struct_name, members):
 
 def kernel_options(kernel, **kw):
     release = tracefs.FormatSource(os.path.join(FORMATS, kernel)).kernel_release()
-    top_remotes = kw.pop("top_remotes", None)
-    opts = runtime.RunOptions(**kw, tool={"top_remotes": top_remotes})
+    tool = {"top_remotes": kw.pop("top_remotes", None), "top_cgroups": kw.pop("top_cgroups", None)}
+    opts = runtime.RunOptions(**kw, tool=tool)
     opts.buffer = "ring" if headers.version_triple(release) >= (5, 8, 0) else "perf"
     return release, opts
 
 
-VARIANTS = {"plain": {}, "filtered": dict(lports=(443,), rports=(8443,), top_remotes=10)}
+VARIANTS = {"plain": {}, "filtered": dict(lports=(443,), rports=(8443,), top_remotes=10, top_cgroups=10)}
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -158,6 +162,9 @@ def test_program_for_saved_kernels(kernel):
                     assert f"int {tp.function}(struct tp_{tp.event} *args)" in plan.text
             assert ("#define OFF_TCP_SOCK_BYTES_ACKED" in plan.text) == (btf_offsets is fixed_btf)
             assert ("#define TOP_REMOTES" in plan.text) == bool(kw)
+            assert ("#define TOP_CGROUPS 1024" in plan.text) == bool(kw)
+            # The socket's own cgroup where BTF says where it is, else the connecting task's.
+            assert ("#define WORKLOAD_SOCKET_CGROUP" in plan.text) == (btf_offsets is fixed_btf)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -207,14 +214,14 @@ def counters(**values):
     return struct.pack(f"<{len(flat)}Q", *flat)
 
 
-def scrape(snapshot, top_remotes=0, symbols=None, ctx=None, health=HEALTH):
+def scrape(snapshot, top_remotes=0, symbols=None, ctx=None, health=HEALTH, top_cgroups=0):
     """The families rendered as the exposition format and parsed back:
     {(sample name, labels): value}."""
     ctx = ctx or DecodeContext(symbols={"tcp:tcp_send_reset.reason": symbols if symbols is not None else REASONS})
 
     class Fixed:
         def collect(self):
-            return exporter.families(snapshot, ctx, health, top_remotes)
+            return exporter.families(snapshot, ctx, health, top_remotes, top_cgroups)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Fixed())
@@ -228,8 +235,8 @@ def scrape(snapshot, top_remotes=0, symbols=None, ctx=None, health=HEALTH):
     return samples, families, text
 
 
-def snapshot_of(*per_cpu, lost=0, untracked=0, remotes=()):
-    return exporter.Snapshot(exporter.sum_cpus(per_cpu), lost, untracked, list(remotes))
+def snapshot_of(*per_cpu, lost=0, untracked=0, remotes=(), cgroups=None):
+    return exporter.Snapshot(exporter.sum_cpus(per_cpu), lost, untracked, list(remotes), cgroups=cgroups or {})
 
 
 def test_cpus_are_summed():
@@ -273,6 +280,43 @@ def test_histograms_are_cumulative_powers_of_two():
     assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))
     assert len(buckets) == len(exporter.DURATION_POWERS) + 1
     assert samples[(dur + "_sum", ())] == pytest.approx(0.002000123)
+
+
+def test_srtt_histogram_in_seconds():
+    # tcp_probe's srtt is in microseconds: 40 us sits in slot 6 (le=64 us).
+    snap = snapshot_of(counters(srtt_us={6: 5, 0: 1, 20: 2}, srtt_us_sum=5 * 40 + 1 + 2 * 1_000_000))
+    samples, families, _text = scrape(snap)
+    rtt = "tcptrace_tcp_srtt_seconds"
+    assert families[rtt].type == "histogram"
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in samples.items() if k[0] == rtt + "_bucket")
+    assert buckets[0] == (1e-6, 1)
+    assert dict(buckets)[32e-6] == 1 and dict(buckets)[64e-6] == 6 and dict(buckets)[2**20 * 1e-6] == 8
+    assert buckets[-1] == (float("inf"), 8) and len(buckets) == len(exporter.SRTT_POWERS) + 1
+    assert samples[(rtt + "_count", ())] == 8
+    assert samples[(rtt + "_sum", ())] == pytest.approx(2.000201)
+
+
+def test_congestion_state_transitions_by_name():
+    health = dict(HEALTH, attached=[*HEALTH["attached"], "tcp:tcp_cong_state_set"])
+    ca = exporter.CA_SLOTS
+    snap = snapshot_of(counters(ca_transitions={0 * ca + 3: 2, 3 * ca + 0: 2, 0 * ca + 4: 1, 4 * ca + 7: 1}))
+    samples, _families, _text = scrape(snap, health=health)
+    moves = {(dict(k)["from"], dict(k)["to"]): v for k, v in
+             by_labels(samples, "tcptrace_tcp_congestion_state_transitions_total").items()}
+    names = ("Open", "Disorder", "CWR", "Recovery", "Loss")
+    # Every change between known states from the first scrape; a number the kernel's enum lacks as the number.
+    assert set(moves) == {(a, b) for a in names for b in names if a != b} | {("Loss", "7")}
+    assert moves[("Open", "Recovery")] == moves[("Recovery", "Open")] == 2
+    assert moves[("Open", "Loss")] == moves[("Loss", "7")] == 1
+    assert sum(moves.values()) == 6
+    # A format that names the states itself is followed.
+    ctx = DecodeContext(symbols={exporter.CA_SYMBOLS: {0: "OPEN", 1: "LOSS"}})
+    samples, _families, _text = scrape(snapshot_of(counters(ca_transitions={1: 3})), ctx=ctx, health=health)
+    assert by_labels(samples, "tcptrace_tcp_congestion_state_transitions_total") == {
+        (("from", "LOSS"), ("to", "OPEN")): 0, (("from", "OPEN"), ("to", "LOSS")): 3}
+    # Not attached (before 5.19): not served.
+    samples, _families, _text = scrape(snap)
+    assert not by_labels(samples, "tcptrace_tcp_congestion_state_transitions_total")
 
 
 def test_resets_by_direction_and_kernel_reason():
@@ -353,12 +397,73 @@ def test_every_declared_metric_is_served_and_nothing_else():
     remotes = [("10.0.0.1", 1, 1)]
     full = counters(transitions={1: 1}, retransmits={1: 1}, resets_sent={1: 1}, connects_ok=1)
     ctx, health = kernel_context("6.18")
-    _samples, families, text = scrape(snapshot_of(full, remotes=remotes), top_remotes=5, ctx=ctx, health=health)
+    cgroups = {"/system.slice/nginx.service": (1, 1, 0, 1, 1, 0)}
+    _samples, families, text = scrape(snapshot_of(full, remotes=remotes, cgroups=cgroups), top_remotes=5, ctx=ctx,
+                                      health=health, top_cgroups=5)
     served = {f.name for f in families.values()}
     declared = {m.name[: -len("_total")] if m.kind == "counter" else m.name for m in exporter.METRICS}
     assert served == declared
     for m in exporter.METRICS:
         assert f"# HELP {m.name} {m.help}" in text.replace("\\\\", "\\"), m.name
+
+
+def test_top_cgroups_are_bounded_and_labelled():
+    cid = "a" * 64
+    cgroups = {f"/system.slice/docker-{cid}.scope": (9, 0, 0, 0, 0, 0), cid: (0, 1, 1, 1, 1, 1),
+               "/user.slice": (0, 0, 0, 2, 0, 0), "/idle.slice": (0, 0, 0, 0, 0, 0)}
+    assert [label for label, _c in exporter.top_cgroups(cgroups, 2)] == [f"/system.slice/docker-{cid}.scope", cid]
+    samples, _families, _text = scrape(snapshot_of(counters(), cgroups=cgroups), top_cgroups=2)
+    assert by_labels(samples, "tcptrace_cgroup_connects_total") == {
+        (("cgroup", cid), ("result", "FAILED")): 1, (("cgroup", cid), ("result", "OK")): 1,
+        (("cgroup", f"/system.slice/docker-{cid}.scope"), ("result", "FAILED")): 0,
+        (("cgroup", f"/system.slice/docker-{cid}.scope"), ("result", "OK")): 0}
+    assert by_labels(samples, "tcptrace_cgroup_resets_total")[(("cgroup", cid), ("direction", "received"))] == 1
+    assert not any(dict(labels).get("cgroup") == "/user.slice" for _n, labels in samples)
+    samples, _families, _text = scrape(snapshot_of(counters(), cgroups=cgroups))
+    assert not any(name.startswith("tcptrace_cgroup_") for name, _labels in samples)
+
+
+def test_cgroup_map_bytes_decode():
+    value = exporter.CGROUP_COUNTS.struct.pack(1, 2, 3, 4, 5, 6)
+    assert exporter.decode_cgroups([((4242).to_bytes(8, "little"), value)]) == {4242: (1, 2, 3, 4, 5, 6)}
+    assert exporter.cgroup_slots(1) == 1024 and exporter.cgroup_slots(1000) == 16000
+
+
+class DirResolver:
+    """workload.Resolver's interface over a directory tree standing for the
+    cgroup2 mount: ids are the directories' inodes, as in cgroup v2."""
+
+    def __init__(self, root):
+        self.mount = str(root)
+
+    def resolve(self, cgroup_id):
+        for top, dirs, _files in os.walk(self.mount):
+            for d in dirs:
+                path = os.path.join(top, d)
+                if os.stat(path).st_ino == cgroup_id:
+                    return path[len(self.mount):]
+        return None
+
+
+def test_cgroup_labels_expire(tmp_path):
+    cid = "b" * 64
+    (tmp_path / "app.slice").mkdir()
+    (tmp_path / f"docker-{cid}.scope").mkdir()
+    app, box = (os.stat(tmp_path / d).st_ino for d in ("app.slice", f"docker-{cid}.scope"))
+    now = [0.0]
+    resolver = DirResolver(tmp_path)
+    labels = exporter.CgroupLabels(resolver, expiry=60, clock=lambda: now[0])
+    counts = {app: (1, 0, 0, 0, 0, 0), box: (2, 0, 0, 0, 0, 0), 999_999_999: (5, 0, 0, 0, 0, 0)}
+    assert labels.sort(counts) == ({"/app.slice": (1, 0, 0, 0, 0, 0), cid: (2, 0, 0, 0, 0, 0)}, [])
+    # Removed: gone at once (its path was known); never found: gone after the expiry.
+    resolved = {app: "/app.slice", box: f"/docker-{cid}.scope"}
+    resolver.resolve = lambda cgroup_id: resolved.get(cgroup_id)
+    (tmp_path / "app.slice").rmdir()
+    now[0] = 59.0
+    assert labels.sort(counts) == ({cid: (2, 0, 0, 0, 0, 0)}, [app])
+    now[0] = 60.0
+    assert labels.sort({box: (2, 0, 0, 0, 0, 0), 999_999_999: (5, 0, 0, 0, 0, 0)}) == (
+        {cid: (2, 0, 0, 0, 0, 0)}, [999_999_999])
 
 
 # -- series known in advance, and drops by reason -------------------------------------
@@ -424,6 +529,9 @@ def test_known_series_follow_each_kernel(kernel):
     ctx, health = kernel_context(kernel)
     samples, _fam, _text = scrape(snapshot_of(counters()), ctx=ctx, health=health)
     assert bool(by_labels(samples, "tcptrace_tcp_drops_total")) == has_reasons
+    cong = fmt.load("tcp:tcp_cong_state_set")
+    assert bool(by_labels(samples, "tcptrace_tcp_congestion_state_transitions_total")) == (cong is not None)
+    assert ("tcp:tcp_probe" in health["attached"]) == (fmt.load("tcp:tcp_probe") is not None)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

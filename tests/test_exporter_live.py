@@ -9,8 +9,10 @@ counters (nstat) and tcptrace's event tools, run alongside, are the
 references.
 """
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,19 +20,22 @@ import threading
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from endpoint import Endpoint
 from helpers import ROOT, Tracer, free_port, tcptrace_cmd
 from netns import RECEIVER_ADDR, SENDER_ADDR, LinkPair
+from test_probe_live import Transfer
 from test_retrans_live import CLIENT_STATES, Processes, nstat, pin_client_port, ports, settle, wait_for
-from tcptrace import tracefs
+from tcptrace import exporter, tracefs
 
 READY_TIMEOUT = 60
 N = 5  # sessions
 SIZE = 1000  # bytes each client sends: bytes_acked counts SYN and FIN too, 1002 (bucket le=1024)
 LOSS_SIZE = 2_000_000
-PROGRAMS = 6  # one per tracepoint: inet_sock_set_state, four tcp:*, skb:kfree_skb (6.18)
+PROGRAMS = 8  # one per tracepoint: inet_sock_set_state, six tcp:*, skb:kfree_skb (6.18)
 
 
 class Exporter:
@@ -222,6 +227,73 @@ def test_retransmits_under_loss(bpf):
     assert total == sum(r["count"] for r in counts.json_rows() if r["type"] == "retrans")
     assert value(samples, "tcptrace_tcp_synack_retransmits_total") == 0
     assert value(samples, "tcptrace_tcp_connects_total", result="OK") == 1
+    # The client's congestion states, from Open: each change leaves the state
+    # the previous one entered, so the changes make one path, and loss made one.
+    moves = {(dict(l)["from"], dict(l)["to"]): v
+             for l, v in series(samples, "tcptrace_tcp_congestion_state_transitions_total").items()}
+    assert moves and sum(v for (old, _new), v in moves.items() if old == "Open") >= 1, moves
+    assert set(s for move in moves for s in move) <= {"Open", "Disorder", "CWR", "Recovery", "Loss"}
+    names = {s for move in moves for s in move}
+    balance = {n: sum(v for (_o, new), v in moves.items() if new == n) -
+               sum(v for (old, _n), v in moves.items() if old == n) for n in names}
+    ends = [n for n, b in balance.items() if b]
+    assert all(b in (-1, 0, 1) for b in balance.values()) and (
+        not ends or (balance["Open"] == -1 and len(ends) == 2)), moves
+    assert len(served(samples, "tcptrace_tcp_congestion_state_transitions_total")) == 20
+
+
+@contextlib.contextmanager
+def ftrace_srtts(port):
+    """An ftrace instance of its own recording tcp:tcp_probe towards one
+    port: yields a function giving the srtt of every hit so far."""
+    inst = os.path.join(tracefs.find_mount(), "instances", f"tcptrace-exporter-{os.getpid()}")
+    os.mkdir(inst)
+    event = os.path.join(inst, "events", "tcp", "tcp_probe")
+    try:
+        with open(os.path.join(inst, "buffer_size_kb"), "w") as f:
+            f.write("16384")
+        with open(os.path.join(event, "filter"), "w") as f:
+            f.write(f"dport == {port}")
+        with open(os.path.join(event, "enable"), "w") as f:
+            f.write("1")
+
+        def srtts():
+            with open(os.path.join(inst, "trace")) as f:
+                text = f.read()
+            written = re.search(r"entries-in-buffer/entries-written: (\d+)/(\d+)", text)
+            assert written and written.group(1) == written.group(2), "the ftrace buffer overran"
+            values = [int(v) for v in re.findall(r" srtt=(\d+) ", text)]
+            assert len(values) == int(written.group(2))
+            return values
+
+        yield srtts
+    finally:
+        with open(os.path.join(event, "enable"), "w") as f:
+            f.write("0")
+        os.rmdir(inst)
+
+
+def test_srtt_histogram_against_ftrace(bpf):
+    """A paced bulk transfer on loopback: the histogram of the client's
+    smoothed RTTs (-D: probes towards the server's port) holds exactly the
+    values an ftrace instance recorded for the same tracepoint and port."""
+    port = free_port()
+    with ftrace_srtts(port) as srtts, Exporter("-D", str(port)) as exp:
+        transfer = Transfer(3_000_000, pace_s=0.002)
+        transfer.port = port
+        transfer.start()
+        transfer.done()
+        values = srtts()
+        rtt = "tcptrace_tcp_srtt_seconds"
+        samples = settled(exp, lambda s: s.get((rtt + "_count", ())) == len(values), "every probe")
+        assert srtts() == values  # nothing more arrived
+    assert exp.returncode == 0 and "Traceback" not in exp.stderr
+    assert len(values) > 20
+    assert samples[(rtt + "_sum", ())] == pytest.approx(sum(values) * 1e-6)
+    for k in exporter.SRTT_POWERS:
+        le = floatToGoString((1 << k) * 1e-6)
+        assert bucket(samples, rtt, le) == sum(1 for v in values if v <= 1 << k), le
+    assert bucket(samples, rtt, "+Inf") == len(values)
 
 
 def test_synack_retransmits(bpf):

@@ -215,12 +215,12 @@ def dashboard_exprs():
 
 def grafana_to_promql(expr):
     """What Grafana sends for the dashboard's variables: every node, and a
-    rate interval of four scrape intervals. label_values() is Grafana's own
+    rate interval of four scrape intervals; every node and cgroup. label_values() is Grafana's own
     function: the series it reads from is queried instead."""
     m = re.fullmatch(r"label_values\((\w+), (\w+)\)", expr)
     if m:
         return f"count by ({m.group(2)}) ({m.group(1)})"
-    return expr.replace('=~"$node"', '=~".*"').replace("$__rate_interval", "1m")
+    return re.sub(r'=~"\$(node|cgroup)"', '=~".*"', expr).replace("$__rate_interval", "1m")
 
 
 def rule_exprs():
@@ -244,7 +244,7 @@ def test_prometheus_scrapes_known_traffic(bpf, tmp_path):
     port = free_port()
     config, web_config = scrape_setup(tmp_path, f"127.0.0.1:{port}")
     lports = f"{sport},{closed},{cport},{ns_sport},{ns_cport}"
-    with Exporter("-L", lports, "--web-config", str(web_config), port=port) as exp, \
+    with Exporter("-L", lports, "--top-cgroups", "5", "--web-config", str(web_config), port=port) as exp, \
             Prometheus(config, tmp_path) as prom, LinkPair() as link, Processes(link) as procs:
         sel = '{job="tcptrace", node="127.0.0.1"}'
         # The first scrape already holds the series the traffic will move, at 0.

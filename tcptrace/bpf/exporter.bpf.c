@@ -8,7 +8,8 @@
  * feeding its own metrics: tcp:tcp_retransmit_skb and
  * tcp:tcp_retransmit_synack (4.15+), tcp:tcp_send_reset (4.16+; a reason
  * since 6.10), tcp:tcp_receive_reset (4.16+) and skb:kfree_skb with its
- * reason (5.17+) for TCP drops.
+ * reason (5.17+) for TCP drops, tcp:tcp_probe (4.16+) for smoothed RTTs,
+ * tcp:tcp_cong_state_set (5.19+) for congestion state changes.
  *
  * Everything is counted in one struct per CPU (a per-CPU array of one
  * entry): no atomic operation, no lock, and user space sums the CPUs' copies
@@ -31,8 +32,28 @@
  * - Drops (drops.bpf.c) are TCP segments freed by kfree_skb with a reason
  *   past NOT_SPECIFIED (DROP_SKIP_UPTO), counted by reason number in an
  *   array sized from the format's reason table (DROP_REASON_SLOTS).
+ * - RTTs (probe.bpf.c's --hist rtt) are tcp_probe's srtt, already in
+ *   microseconds (srtt_us >> 3), one per segment an established socket
+ *   receives: an ACK-clocked sample of the smoothed RTT, not one per
+ *   connection. The slots are the other histograms' (upper bound 2^k
+ *   inclusive) so that each Prometheus bucket is exact.
+ * - Congestion state changes (probe.bpf.c's CA_STATE): tcp_cong_state_set
+ *   gives only the new state, so the previous one is kept per socket in
+ *   struct conn, which exists from a session's start (enum tcp_ca_state
+ *   starts at Open, 0: the socket is zeroed) to its CLOSE. A socket born
+ *   before the exporter started, or one conns could not hold (counted as
+ *   untracked), is not counted. The kernel calls tcp_set_ca_state() with
+ *   the state it already has too: that is no change and is not counted.
  * The local port of a connecting socket is chosen after CLOSE->SYN_SENT, so
  * -L/-D are checked when a session or a connect ends, and at every change.
+ *
+ * With --top-cgroups (TOP_CGROUPS), sessions, connects, retransmits and
+ * resets are also counted per cgroup v2 id, the SOCKET's (workload.bpf.h:
+ * never the task on the CPU, which in softirq is any task), in a hash of
+ * TOP_CGROUPS entries: not an LRU, so that a cgroup it has no room for is
+ * counted as lost rather than silently pushing another out; user space
+ * deletes the entries of cgroups that are gone. A reset sent for no full
+ * socket (none, TIME_WAIT, a request) has no cgroup and is not counted there.
  *
  * Per-socket state lives in an LRU hash: a socket whose end is never seen
  * cannot pin an entry in a daemon that runs for months.
@@ -40,6 +61,9 @@
 #define TCPTRACE_NO_EVENTS 1
 #include "tcptrace.h"
 #include "lifecycle.bpf.h"
+#ifdef TOP_CGROUPS
+#include "workload.bpf.h"
+#endif
 
 /* Slots of the arrays in struct metrics, which user space reads by the
  * same numbers (tcptrace/exporter.py):
@@ -48,7 +72,8 @@
  * - retransmits: the state, 0 when the tracepoint has none (4.19);
  * - resets_sent: the kernel's reason 0..125, REASON_OTHER for 126 and above,
  *   REASON_NONE when tcp_send_reset has no reason (before 6.10);
- * - connect_errors: sk_err 0..254, 255 for any larger one.
+ * - connect_errors: sk_err 0..254, 255 for any larger one;
+ * - ca_transitions: old congestion state * CA_SLOTS + new one.
  * Every size is a power of two, for SLOT(). */
 #define STATE_SLOTS 16
 #define TRANSITION_SLOTS 256
@@ -57,6 +82,8 @@
 #define REASON_OTHER 126
 #define REASON_NONE 127
 #define ERRNO_SLOTS 256
+#define CA_SLOTS 8
+#define CA_TRANSITION_SLOTS 64
 
 /*
  * An array index the verifier can bound. Once clang has proven a range
@@ -88,6 +115,9 @@ struct metrics {
 	u64 connects_reset;
 	u64 connects_unknown;
 	u64 connect_errors[ERRNO_SLOTS];
+	u64 srtt_us[HIST_SLOTS];
+	u64 srtt_us_sum;
+	u64 ca_transitions[CA_TRANSITION_SLOTS];
 };
 
 BPF_PERCPU_ARRAY(metrics, struct metrics, 1);
@@ -95,7 +125,9 @@ BPF_PERCPU_ARRAY(metrics, struct metrics, 1);
 struct conn {
 	u64 birth_ns;
 	u32 connecting; /* from CLOSE->SYN_SENT to the end of the handshake */
-	u32 reset;	/* a reset arrived while connecting */
+	u8 reset;	/* a reset arrived while connecting */
+	u8 ca_state;	/* the last congestion state (enum tcp_ca_state) */
+	u16 unused;
 };
 
 BPF_TABLE("lru_hash", u64, struct conn, conns, TCPTRACE_MAX_SOCKETS);
@@ -134,6 +166,55 @@ static __always_inline struct remote_counts *remote_counts_of(struct remote_key 
 		stat_inc(STAT_LOST_OUTPUT); /* an event that could not be counted */
 	return c;
 }
+#endif
+
+#ifdef TOP_CGROUPS
+/* Per cgroup id, for --top-cgroups (exporter.py's CGROUP_COUNTS). */
+struct cgroup_counts {
+	u64 sessions;
+	u64 connects_ok;
+	u64 connects_failed;
+	u64 retransmits;
+	u64 resets_sent;
+	u64 resets_received;
+};
+
+BPF_HASH(cgroups, u64, struct cgroup_counts, TOP_CGROUPS);
+
+#define CGROUP_ADD(id, member)                                                 \
+	do {                                                                   \
+		struct cgroup_counts *__c = cgroup_counts_of(id);              \
+		if (__c)                                                       \
+			__sync_fetch_and_add(&__c->member, 1);                 \
+	} while (0)
+
+static __always_inline struct cgroup_counts *cgroup_counts_of(u64 id)
+{
+	struct cgroup_counts zero = {};
+	struct cgroup_counts *c;
+
+	if (!id)
+		return 0; /* unknown: no cgroup to count for */
+	c = cgroups.lookup_or_try_init(&id, &zero);
+	if (!c)
+		stat_inc(STAT_LOST_OUTPUT); /* no room for another cgroup */
+	return c;
+}
+
+static __always_inline u64 cgroup_of(u64 sk, int full)
+{
+	u64 id = 0;
+	u32 netns = 0;
+
+	if (full)
+		workload_read(sk, &id, &netns);
+	else
+		workload_read_any(sk, &id, &netns);
+	return id;
+}
+#define CGROUP_COUNT(sk, full, member) CGROUP_ADD(cgroup_of(sk, full), member)
+#else
+#define CGROUP_COUNT(sk, full, member) do { } while (0)
 #endif
 
 static __always_inline struct metrics *counters(void)
@@ -193,6 +274,9 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 
 	if (!m)
 		return 0;
+#ifdef TOP_CGROUPS
+	workload_track(sk, oldstate, newstate, args->sport);
+#endif
 	/* Unsigned: a negative state fails the bound too. */
 	u32 from = oldstate, to = newstate;
 	if (counted && from < STATE_SLOTS && to < STATE_SLOTS)
@@ -222,14 +306,19 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 		return 0;
 	if (c->connecting) {
 		c->connecting = 0;
-		if (counted && !connect_failed(newstate))
+		if (counted && !connect_failed(newstate)) {
 			m->connects_ok++;
-		else if (counted)
+			CGROUP_COUNT(sk, 1, connects_ok);
+		} else if (counted) {
 			count_failed_connect(m, c, sk);
+			CGROUP_COUNT(sk, 1, connects_failed);
+		}
 	}
 	if (newstate == TCP_CLOSE) {
-		if (counted)
+		if (counted) {
 			observe_session(m, sk, bpf_ktime_get_ns() - c->birth_ns);
+			CGROUP_COUNT(sk, 1, sessions);
+		}
 		conns.delete(&sk);
 	}
 	return 0;
@@ -254,6 +343,7 @@ int on_tcp_retransmit_skb(struct tp_tcp_retransmit_skb *args)
 		slot = state;
 #endif
 	m->retransmits[SLOT(slot, STATE_SLOTS)]++;
+	CGROUP_COUNT(args->skaddr, 1, retransmits);
 #if defined(TOP_REMOTES) && defined(HAS_TCP_RETRANSMIT_SKB_FAMILY)
 	struct remote_key key = {};
 	REMOTE_KEY(&key, args);
@@ -302,6 +392,7 @@ int on_tcp_send_reset(struct tp_tcp_send_reset *args)
 	slot = reason < REASON_OTHER ? reason : REASON_OTHER;
 #endif
 	m->resets_sent[SLOT(slot, REASON_SLOTS)]++;
+	CGROUP_COUNT(args->skaddr, 0, resets_sent);
 	return 0;
 }
 #endif
@@ -319,6 +410,7 @@ int on_tcp_receive_reset(struct tp_tcp_receive_reset *args)
 	struct metrics *m = counters();
 	if (m)
 		m->resets_received++;
+	CGROUP_COUNT(sk, 1, resets_received);
 	return 0;
 }
 #endif
@@ -446,6 +538,46 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	else
 		stat_inc(STAT_LOST_OUTPUT); /* a drop that could not be counted */
 #endif
+	return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_PROBE
+int on_tcp_probe(struct tp_tcp_probe *args)
+{
+	if (!ports_ok(args->sport, args->dport))
+		return 0;
+	struct metrics *m = counters();
+	if (!m)
+		return 0;
+	u32 srtt = args->srtt;
+	m->srtt_us[hist_slot(srtt)]++;
+	m->srtt_us_sum += srtt;
+	return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_CONG_STATE_SET
+int on_tcp_cong_state_set(struct tp_tcp_cong_state_set *args)
+{
+	u64 sk = args->skaddr;
+	struct conn *c = conns.lookup(&sk);
+
+	if (!c)
+		return 0;
+	u32 from = c->ca_state, to = args->cong_state;
+	if (from == to)
+		return 0;
+	c->ca_state = to;
+	if (!ports_ok(args->sport, args->dport))
+		return 0;
+	struct metrics *m = counters();
+	if (!m)
+		return 0;
+	if (from < CA_SLOTS && to < CA_SLOTS)
+		m->ca_transitions[SLOT(from * CA_SLOTS + to, CA_TRANSITION_SLOTS)]++;
+	else
+		stat_inc(STAT_LOST_OUTPUT); /* a state past enum tcp_ca_state's: no slot */
 	return 0;
 }
 #endif
