@@ -10,11 +10,11 @@ ARGS ?=
 # runs tcptrace beside bcc's own tcpstates; tcptrace needs no headers).
 ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 RUN_PACKAGES = python3-bpfcc
-TEST_PACKAGES = $(RUN_PACKAGES) nftables iproute2 procps util-linux bpftool bpfcc-tools linux-headers-$(ARCH)
-# make test-kernel: a second real kernel, Debian's 6.1, booted under qemu's
-# software emulation by virtme-ng (from PyPI, in its own venv under build/),
-# which needs a static busybox for its initramfs.
-KERNEL_PACKAGES = qemu-system-x86 linux-image-amd64 busybox-static
+TEST_PACKAGES = $(RUN_PACKAGES) nftables iproute2 procps util-linux bpftool bpfcc-tools linux-headers-$(ARCH) prometheus nginx-light redis-server redis-tools iperf3 bpftrace
+# make test-kernel: more real kernels, Debian's 6.1 and its 6.12 LTS, each
+# booted under qemu's software emulation by virtme-ng (from PyPI, in its own
+# venv under build/), which needs a static busybox for its initramfs.
+KERNEL_PACKAGES = qemu-system-x86 linux-image-amd64 linux-image-6.12-amd64 busybox-static
 KERNEL_VENV ?= build/kernel-venv
 VIRTME_NG ?= virtme-ng==1.42
 
