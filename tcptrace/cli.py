@@ -52,36 +52,31 @@ def _pids(ctx, param, value):
     return pids
 
 
-def _cgroups(ctx, param, value):
-    from .workload import parse_cgroup
+def _paths(parse_name, what):
+    """A callback for a repeatable path option: each path parsed by
+    workload.<parse_name> (a ValueError is a usage error), duplicates
+    dropped, at most MAX_LIST."""
 
-    out = []
-    for item in value or ():
-        try:
-            cgroup = parse_cgroup(item)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="/".join(param.opts))
-        if cgroup not in out:
-            out.append(cgroup)
-    if len(out) > MAX_LIST:
-        raise click.BadParameter(f"at most {MAX_LIST} cgroups", param_hint="/".join(param.opts))
-    return tuple(out)
+    def callback(ctx, param, value):
+        from . import workload
+
+        out = []
+        for item in value or ():
+            try:
+                parsed = getattr(workload, parse_name)(item)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="/".join(param.opts))
+            if parsed not in out:
+                out.append(parsed)
+        if len(out) > MAX_LIST:
+            raise click.BadParameter(f"at most {MAX_LIST} {what}", param_hint="/".join(param.opts))
+        return tuple(out)
+
+    return callback
 
 
-def _netns(ctx, param, value):
-    from .workload import parse_netns
-
-    out = []
-    for item in value or ():
-        try:
-            inode = parse_netns(item)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="/".join(param.opts))
-        if inode not in out:
-            out.append(inode)
-    if len(out) > MAX_LIST:
-        raise click.BadParameter(f"at most {MAX_LIST} network namespaces", param_hint="/".join(param.opts))
-    return tuple(out)
+_cgroups = _paths("parse_cgroup", "cgroups")
+_netns = _paths("parse_netns", "network namespaces")
 
 
 def _pages(ctx, param, value):
