@@ -150,13 +150,15 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	struct event ev = {};
 	u64 skb = args->skbaddr;
 	u64 tcp = 0;
-
-	if (!tcp_headers(args, skb, &ev, &tcp))
-		return 0;
-
 	u32 reason = args->reason;
 
-	if (!reason_ok(reason) || !family_ok(ev.family))
+	/* Cheapest first: two fields of the record (an IP packet, a reason
+	 * wanted), then the packet's headers (TCP?), read from its memory. */
+	if (args->protocol != ETH_P_IP && args->protocol != ETH_P_IPV6)
+		return 0;
+	if (!reason_ok(reason))
+		return 0;
+	if (!tcp_headers(args, skb, &ev, &tcp) || !family_ok(ev.family))
 		return 0;
 
 	/* The ports read again from the packet: indexing hdr[] by the IP
