@@ -43,8 +43,14 @@ test-kernel: test-deps
 test-unit: venv
 	$(VENV)/bin/python -m pytest -ra -m "not privileged" tests $(ARGS)
 
+# The state-change loads against bcc and bpftrace (written into
+# docs/performance.md), then the loads of the tools they do not drive:
+# iperf3 under probe, redis-benchmark under top, a drop-free load under drops.
 bench: test-deps
 	$(VENV)/bin/python bench/run.py $(ARGS)
+	$(VENV)/bin/python bench/probe.py
+	$(VENV)/bin/python bench/top_load.py
+	$(VENV)/bin/python bench/drops_load.py
 
 soak: test-deps
 	$(VENV)/bin/python bench/soak.py $(ARGS)
