@@ -90,21 +90,6 @@ static __always_inline int reason_ok(u32 reason)
 #endif
 }
 
-/* The socket the segment belonged to, or 0. */
-static __always_inline u64 socket_of(struct tp_kfree_skb *args, u64 skb)
-{
-	u64 sk = 0;
-
-#ifdef HAS_KFREE_SKB_RX_SK
-	sk = args->rx_sk;
-#endif
-#ifdef OFF_SK_BUFF_SK
-	if (!sk)
-		read_kernel(&sk, sizeof(sk), (void *)(skb + OFF_SK_BUFF_SK));
-#endif
-	return sk;
-}
-
 #ifdef HAVE_HEADERS
 /* Reads the headers into ev->hdr and sets *tcp to the TCP header's kernel
  * address; returns 0 when this is not a TCP segment tcptrace can read. */
@@ -171,7 +156,7 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 
 	u16 sport = __builtin_bswap16(ports[0]), dport = __builtin_bswap16(ports[1]);
 	u16 lport = dport, rport = sport;
-	u64 sk = socket_of(args, skb);
+	u64 sk = skb_socket(args, skb);
 
 	if (sk) {
 #ifdef OFF_SOCK_COMMON_SKC_NUM

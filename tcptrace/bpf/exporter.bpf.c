@@ -476,18 +476,11 @@ static __always_inline u32 tcp_offset(u16 protocol, u64 skb, u64 *nh_addr, u16 *
 static __always_inline int drop_ports_ok(struct tp_kfree_skb *args, u64 skb, u64 tcp)
 {
 	u16 ports[2] = {};
-	u64 sk = 0;
 
 	if (read_kernel(ports, sizeof(ports), (void *)tcp))
 		return 0;
 	u16 sport = __builtin_bswap16(ports[0]), dport = __builtin_bswap16(ports[1]);
-#ifdef HAS_KFREE_SKB_RX_SK
-	sk = args->rx_sk;
-#endif
-#ifdef OFF_SK_BUFF_SK
-	if (!sk)
-		read_kernel(&sk, sizeof(sk), (void *)(skb + OFF_SK_BUFF_SK));
-#endif
+	u64 sk = skb_socket(args, skb);
 #ifdef OFF_SOCK_COMMON_SKC_NUM
 	u16 num = 0;
 

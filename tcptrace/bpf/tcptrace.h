@@ -156,5 +156,23 @@ static __always_inline s32 sock_error(u64 sk)
 #endif
 }
 
+#ifdef HAVE_KFREE_SKB
+/* The socket a freed packet belonged to, or 0: rx_sk where the record has
+ * it (the receiving socket), else the packet's own skb->sk. */
+static __always_inline u64 skb_socket(struct tp_kfree_skb *args, u64 skb)
+{
+	u64 sk = 0;
+
+#ifdef HAS_KFREE_SKB_RX_SK
+	sk = args->rx_sk;
+#endif
+#ifdef OFF_SK_BUFF_SK
+	if (!sk)
+		read_kernel(&sk, sizeof(sk), (void *)(skb + OFF_SK_BUFF_SK));
+#endif
+	return sk;
+}
+#endif
+
 #include "addresses.bpf.h"
 #include "owners.bpf.h"
