@@ -43,14 +43,18 @@ test-kernel: test-deps
 test-unit: venv
 	$(VENV)/bin/python -m pytest -ra -m "not privileged" tests $(ARGS)
 
-# The state-change loads against bcc and bpftrace (written into
-# docs/performance.md), then the loads of the tools they do not drive:
-# iperf3 under probe, redis-benchmark under top, a drop-free load under drops.
+# The state-change loads against bcc and bpftrace, then the loads of the
+# tools they do not drive: iperf3 under probe, redis-benchmark under top, a
+# drop-free load under drops; all into one directory of bench/results, and
+# docs/performance.md written from it once all have run (a run that stops
+# part-way leaves the page as it was; ARGS go to bench/run.py).
 bench: test-deps
-	$(VENV)/bin/python bench/run.py $(ARGS)
-	$(VENV)/bin/python bench/probe.py
-	$(VENV)/bin/python bench/top_load.py
-	$(VENV)/bin/python bench/drops_load.py
+	set -e; dir=bench/results/$$(date +%Y-%m-%d_%H%M%S); mkdir -p $$dir; \
+	$(VENV)/bin/python bench/run.py --out $$dir $(ARGS); \
+	$(VENV)/bin/python bench/probe.py --json $$dir/probe.json; \
+	$(VENV)/bin/python bench/top_load.py --json $$dir/top.json; \
+	$(VENV)/bin/python bench/drops_load.py --json $$dir/drops.json; \
+	$(VENV)/bin/python bench/run.py --page $$dir
 
 soak: test-deps
 	$(VENV)/bin/python bench/soak.py $(ARGS)

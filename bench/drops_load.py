@@ -11,28 +11,36 @@ still queued frees it as QUEUE_PURGE (about one segment per connection on
 6.18). `tcptrace drops` prints those rows; `tcptrace drops --reason
 NO_SOCKET` filters them out in the kernel and measures the program alone.
 
-    sudo python3 bench/drops_load.py [--rounds 5] [--seconds 3] [--pairs 2]
+    sudo python3 bench/drops_load.py [--rounds 5] [--seconds 3] [--pairs 2] [--json PATH]
+
+With --json, the results (every round, each tracer's CPU per connection,
+medians and spreads, machine and versions) go to PATH as well; `make bench`
+puts them into docs/performance.md (bench/run.py --page).
 """
 
 import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from run import cpu_seconds, load_record, stop_process, write_json  # noqa: E402
+
 BPFTRACE = "tracepoint:skb:kfree_skb { @[args->reason] = count(); }"
 
 
 def load(seconds, pairs, port):
+    """loadgen.py's summary of one load."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "loadgen.py"), "--rate", "max",
                           "--seconds", str(seconds), "--pairs", str(pairs), "--connections", str(10**8),
                           "--port", str(port)], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["rate"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def attach(which):
@@ -57,28 +65,38 @@ def attach(which):
     raise SystemExit(f"{which} did not start (status {proc.wait()})")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--port", type=int, default=24000)
-    args = parser.parse_args()
+    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0 or args.pairs < 1:
+        parser.error("--rounds, --seconds and --pairs must be positive")
     tracers = ["none", "tcptrace drops", "tcptrace drops --reason NO_SOCKET"]
     tracers += ["bpftrace"] if shutil.which("bpftrace") else []
     rates = {t: [] for t in tracers}
     ratios = {t: [] for t in tracers}
+    rounds = {t: [] for t in tracers}
     for r in range(args.rounds):
         order = tracers[r % len(tracers):] + tracers[: r % len(tracers)]
         got = {}
         for which in order:
             proc = attach(which)
             try:
-                got[which] = load(args.seconds, args.pairs, args.port)
+                cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+                summary = load(args.seconds, args.pairs, args.port)
+                cpu = cpu_seconds(proc.pid) - cpu0 if proc else None
             finally:
                 if proc is not None:
-                    proc.send_signal(signal.SIGINT)
-                    proc.wait(30)
+                    stop_process(proc)
+            got[which] = summary["rate"]
+            rounds[which].append({"value": summary["rate"], "connections": summary.get("connections"),
+                                  "cpu_s": cpu, "cpu_us_per_connection":
+                                  1e6 * cpu / summary["connections"] if cpu is not None and summary.get("connections")
+                                  else None})
         for which in tracers:
             rates[which].append(got[which])
             ratios[which].append(got[which] / got["none"])
@@ -87,7 +105,22 @@ def main():
         print(f"  {which:34} {statistics.median(rates[which]):9,.0f} conn/s  "
               f"ratio {statistics.median(ratios[which]):.3f} "
               f"({min(ratios[which]):.3f}-{max(ratios[which]):.3f})")
+    if args.json:
+        columns = [{"key": "cpu_s", "label": "tracer CPU s", "fmt": ".3f", "agg": "median"},
+                   {"key": "cpu_us_per_connection", "label": "tracer CPU per connection (us)", "fmt": ".2f",
+                    "agg": "spread"}]
+        roles = {"none": "baseline", "bpftrace": "anchor"}
+        labels = {"none": "no tracer", "bpftrace": "bpftrace kfree_skb count by reason"}
+        pairs = f"{args.pairs} client/server pair{'s' if args.pairs != 1 else ''}"
+        rec = load_record("drops", f"loopback connections at full speed (bench/loadgen.py), {pairs}",
+                          "conn/s", ",.0f",
+                          [{"label": labels.get(t, t), "role": roles.get(t, "tcptrace"), "rounds": rounds[t]}
+                           for t in tracers], columns,
+                          {"rounds": args.rounds, "seconds per load": args.seconds, "pairs": args.pairs},
+                          [] if "bpftrace" in tracers else ["bpftrace: not installed (apt-get install bpftrace)"])
+        write_json(args.json, rec)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

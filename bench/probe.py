@@ -21,10 +21,12 @@ throughput, and the runs the kernel skipped because a program was already
 running on that CPU (recursion misses: every tracer has them; tcptrace
 reports them as lost, bpftrace does not).
 
-    python bench/probe.py [--repeat 3] [--seconds 5]
+    python bench/probe.py [--repeat 3] [--seconds 5] [--json PATH]
 
-The markdown report goes to stdout, the raw numbers to
-bench/results/probe-<date>.json.
+The markdown report goes to stdout, the results (every round, the medians
+and spreads, machine and versions) to PATH, by default
+bench/results/probe-<date>.json; `make bench` puts them into
+docs/performance.md (bench/run.py --page).
 """
 
 import argparse
@@ -44,7 +46,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import cpu_seconds, stop_process, tracer_env  # noqa: E402
+from run import cpu_seconds, load_record, stop_process, tracer_env, write_json  # noqa: E402
 
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -185,11 +187,36 @@ def render(results, seconds, repeat):
     return "\n".join(lines) + "\n"
 
 
+# The columns of its own table that the page repeats: per round.
+COLUMNS = [
+    {"key": "cpu_s", "label": "tracer CPU s", "fmt": ".2f", "agg": "median"},
+    {"key": "bpf_s", "label": "BPF CPU s", "fmt": ".3f", "agg": "median"},
+    {"key": "ns_per_run", "label": "ns per probe", "fmt": ".0f", "agg": "spread"},
+    {"key": "runs", "label": "probes", "fmt": ".0f", "agg": "median"},
+    {"key": "skipped", "label": "skipped by the kernel", "fmt": "d", "agg": "sum"},
+    {"key": "lost", "label": "lost (reported)", "fmt": "d", "agg": "sum"},
+]
+
+
+def record(results, seconds, repeat):
+    """The results as bench/run.py's load_record() has them."""
+    tracers = []
+    for name, runs in results.items():
+        role = "baseline" if name == "none" else "tcptrace" if name.startswith("tcptrace") else "anchor"
+        tracers.append({"label": "no tracer" if role == "baseline" else name, "role": role,
+                        "rounds": [{"value": r["bps"], **{k: v for k, v in r.items() if k != "bps"}} for r in runs]})
+    return load_record("probe", "iperf3 on loopback", "Gbit/s", ".2f", tracers, COLUMNS,
+                       {"repetitions": repeat, "seconds per run": seconds}, scale=1e9, packages=("iperf3",))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--json", metavar="PATH", help="where the results go (default bench/results/probe-<date>.json)")
     args = parser.parse_args(argv)
+    if args.repeat < 1 or args.seconds < 1:
+        parser.error("--repeat and --seconds must be at least 1")
     if os.geteuid() != 0:
         raise SystemExit("bench/probe.py needs root (BPF)")
     for tool in ("iperf3", "bpftrace"):
@@ -219,9 +246,8 @@ def main(argv=None):
         stop_process(server)
     report = render(results, args.seconds, args.repeat)
     sys.stdout.write(report)
-    RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"probe-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json or RESULTS / f"probe-{stamp}.json", record(results, args.seconds, args.repeat))
     return 0
 
 

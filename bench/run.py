@@ -29,9 +29,12 @@ Debian's (older) headers are linked into /lib/modules/$(uname -r) only while
 a stock tool starts and removed as soon as it is attached. tcplife's byte
 columns are then garbage (wrong struct offsets): rows are counted, bytes not.
 
-The report (markdown) goes to stdout and to bench/results/<date>.md, with
-the raw numbers in a .json beside it; a full run (not --quick) also
-rewrites the generated section of docs/performance.md with it.
+The report (markdown) goes to stdout and to bench/results/<date>.md (or
+--out), with the raw numbers in a .json beside it. `--page DIR` then writes
+docs/performance.md from a run's directory: this report, and the results
+that probe.py, top_load.py and drops_load.py wrote there with --json, with
+one table of every tcptrace tool against its best anchor (`make bench` does
+all of it).
 """
 
 import argparse
@@ -271,14 +274,16 @@ def machine():
     return {"nproc": os.cpu_count(), "mem_mib": mem, "cpu": model, "kernel": platform.release()}
 
 
-def versions():
+def versions(packages=()):
+    """tcptrace's commit, and the Debian versions of bcc, bpftrace and the
+    given packages (a load's own tools)."""
     out = {}
     try:
         out["tcptrace"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                                          capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         out["tcptrace"] = "?"
-    for pkg in ("python3-bpfcc", "bpftrace"):
+    for pkg in ("python3-bpfcc", "bpftrace", *packages):
         try:
             out[pkg] = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
                                       text=True, timeout=10).stdout.strip() or "-"
@@ -479,6 +484,14 @@ def keep_rows(path, portmap, idx, workdir, what):
             ports = parser.ports(line)
             if ports is None or classify(ports[0], ports[1], portmap) == idx:
                 out.write(line)
+    return os.path.basename(name)
+
+
+def keep_stderr(path, workdir, what):
+    """A copy of a tracer's stderr beside the rows keep_rows() keeps; its name."""
+    fd, name = tempfile.mkstemp(prefix=f"unaccounted-{what}-stderr-", suffix=".txt", dir=workdir)
+    with open(path, "rb") as f, os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(f, out)
     return os.path.basename(name)
 
 
@@ -762,13 +775,18 @@ def run_tracer(tracer, loads, ports, python, headers, workdir, keep):
             entry["expected"] = load["connections"] * tracer.rows_per_connection
         entry["lost"] = entry.get("lost_total", 0) - previous_lost + more_lost
         previous_lost = entry.get("lost_total", 0)
-    # tcptrace's own shortfalls (the other tools' losses are placed on loads only roughly).
-    if tracer.kind == "states" and tracer.lost_style == "tcptrace" and not all(map(accounted, result["loads"])):
-        paths = socket_paths(out_path, portmap, len(loads))
+    # tcptrace's own shortfalls (the other tools' losses are placed on loads only roughly):
+    # the load's rows and the tracer's whole stderr (its loss reports) are kept to check it by.
+    if tracer.lost_style == "tcptrace" and not all(map(accounted, result["loads"])):
+        paths = socket_paths(out_path, portmap, len(loads)) if tracer.kind == "states" else None
+        err_kept = keep_stderr(err_path, workdir, tracer.name)
         for i, entry in enumerate(result["loads"]):
-            if paths is not None and not accounted(entry):
+            if accounted(entry):
+                continue
+            if paths is not None:
                 entry["paths"] = paths[i].most_common(12)
-                entry["raw"] = keep_rows(out_path, portmap, i, workdir, f"{tracer.name}-{entry['key']}")
+            entry["raw"] = keep_rows(out_path, portmap, i, workdir, f"{tracer.name}-{entry['key']}")
+            entry["raw_err"] = err_kept
     if not keep:
         for path in (out_path, err_path):
             try:
@@ -817,6 +835,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the tracers' raw output (in the work directory)")
     p.add_argument("--out", default=str(RESULTS), help="where the report goes (default bench/results)")
     p.add_argument("--render", metavar="JSON", help="print the report of a saved run (bench/results/*.json) and exit")
+    p.add_argument("--page", metavar="DIR",
+                   help="write docs/performance.md from one run's directory (this script's report and the "
+                        "--json files of probe.py, top_load.py, drops_load.py in it) and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.reps = 1
@@ -871,6 +892,8 @@ def main(argv=None):
     if args.render:
         sys.stdout.write(rerender(args.render))
         return 0
+    if args.page:
+        return write_page(args.page)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     ensure_environment(args)
@@ -897,7 +920,8 @@ def main(argv=None):
     started = datetime.datetime.now()
     info = {"date": started.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "versions": versions(),
             "settings": {"reps": args.reps, "loads": [l["key"] for l in loads], "paced_s": args.seconds,
-                         "max_s": args.max_seconds},
+                         "max_s": args.max_seconds, "quick": args.quick},
+            "kept_as": shown_path(os.path.join(args.out, started.strftime("%Y-%m-%d_%H%M%S-"))),
             "notes": [n for n in [headers.note] if n] + [
                 "losses of the other tools are put on the load during whose window (stderr) or after whose "
                 "rows (stdout, bpftrace) they were reported: per load, approximate"]}
@@ -943,11 +967,18 @@ def main(argv=None):
                                         "needs_headers": t.needs_headers, "lost_style": t.lost_style}
                                for t in order}},
                   f, indent=1, default=str)
-    say(f"report written to {stem}.md (raw numbers in {stem}.json)")
-    if not args.quick:  # a short development run is not what the page should quote
-        update_docs(report)
-        say(f"{PERFORMANCE_PAGE.relative_to(ROOT)} rewritten")
+    say(f"report written to {stem}.md (raw numbers in {stem}.json); "
+        f"bench/run.py --page {shown_path(args.out)} puts it into {shown_path(PERFORMANCE_PAGE)}")
     return 0
+
+
+def shown_path(path):
+    """A path as the report names it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 # -- the report ----------------------------------------------------------------
@@ -1151,24 +1182,32 @@ def render(info, order, loads, results):
                  + "; ".join(f"{k}: {'/'.join(str(x) for x in v)}" for k, v in noise.items()))
     lines.append("")
 
-    lines += unaccounted(tracers, results)
+    lines += unaccounted(tracers, results, info.get("kept_as"))
     lines += targets(tracers, results, keys)
     return "\n".join(lines) + "\n"
 
 
-def unaccounted(tracers, results):
-    """The socket paths of every load whose missing rows were not all
-    reported lost (see socket_paths)."""
+def unaccounted(tracers, results, kept_as=None):
+    """Every load whose missing rows were not all reported lost: where its
+    raw output was kept (kept_as: the prefix of those files' paths) and, for
+    tcpstates-like output, its socket paths (see socket_paths)."""
     out = []
     for t in tracers:
         for rep, r in enumerate(results[t.name]):
             for e in r.get("loads", []):
-                if "paths" not in e:
+                if "paths" not in e and "raw" not in e:
                     continue
-                kept = f" (its rows beside this report: <date>-{e['raw']})" if e.get("raw") else ""
+                if e.get("raw") and kept_as:
+                    kept = f" (its rows: `{kept_as}{e['raw']}`"
+                    kept += f", the tracer's stderr: `{kept_as}{e['raw_err']}`)" if e.get("raw_err") else ")"
+                elif e.get("raw"):
+                    kept = f" (its rows beside this report: <date>-{e['raw']})"
+                else:
+                    kept = ""
                 out.append(f"- {t.label}, repetition {rep + 1}, load {e['key']}: {e['rows']} rows of "
-                           f"{e['expected']}, {e.get('lost', 0)} reported lost{kept}; socket lifetimes by path:")
-                out += [f"  - {n} x {p}" for p, n in e["paths"]]
+                           f"{e['expected']}, {e.get('lost', 0)} reported lost{kept}"
+                           + ("; socket lifetimes by path:" if e.get("paths") else ""))
+                out += [f"  - {n} x {p}" for p, n in e.get("paths", [])]
     if out:
         out = ["## Loads that do not add up", "",
                "Rows short of what the load made with fewer losses reported; the sockets' paths through the "
@@ -1222,6 +1261,289 @@ def targets(tracers, results, keys):
     out.append("")
     return out
 
+
+
+# -- the page: the state-change run, and the loads of probe, top and drops -------
+#
+# probe.py, top_load.py and drops_load.py each write one record (--json) of
+# the shape load_record() gives: every tracer's rounds, round i of each
+# tracer in the same repetition (so a ratio is taken within a repetition),
+# with the load's rate as "value" (higher is better). write_page() puts
+# this script's report and theirs, from one run's directory, into the page
+# in one write: a run that stopped half-way leaves the page as it was.
+
+TOOLS_SECTION = "bench-tools"
+LOAD_BENCHES = ("probe", "top", "drops")  # <name>.json in a run's directory
+
+
+def three(values):
+    """{median, min, max, n} of the values that are there, or None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def load_record(bench, title, unit, fmt, tracers, columns=(), settings=None, missing_anchors=(),
+                scale=1.0, packages=()):
+    """A load script's results, as it writes them with --json.
+
+    tracers: [{"label", "role": baseline|tcptrace|anchor, "rounds": [{"value", <column keys>...}]}];
+    columns: [{"key", "label", "fmt", "agg": median|spread|sum}], per-round numbers of the
+    load's own table; missing_anchors: one sentence per anchor that could not run here."""
+    record = {"bench": bench, "title": title, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": machine(), "versions": versions(packages), "settings": settings or {},
+              "unit": unit, "scale": scale, "fmt": fmt, "columns": list(columns), "tracers": tracers,
+              "missing_anchors": list(missing_anchors)}
+    return add_stats(record)
+
+
+def add_stats(record):
+    """Each tracer's medians and spreads (value, ratio to no tracer, slowdown,
+    its columns), for readers of the JSON; the page is drawn from the rounds."""
+    base = baseline_values(record)
+    for t in record["tracers"]:
+        values = [r["value"] for r in t["rounds"]]
+        t["stats"] = {"value": three(values),
+                      "ratio_to_none": three([v / b if v is not None and b else None for v, b in zip(values, base)]),
+                      "slowdown": three(slowdowns(record, t))}
+        for c in record["columns"]:
+            t["stats"][c["key"]] = three([r.get(c["key"]) for r in t["rounds"]])
+    return record
+
+
+def write_json(path, record):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    say(f"results written to {path}")
+
+
+def baseline_values(record):
+    base = next((t for t in record["tracers"] if t["role"] == "baseline"), None)
+    return [r["value"] for r in base["rounds"]] if base else []
+
+
+def slowdowns(record, tracer):
+    """Per round: the load's rate without a tracer / with this one."""
+    return [b / r["value"] if r["value"] and b else None for r, b in zip(tracer["rounds"], baseline_values(record))]
+
+
+def paired(values, others, op):
+    return [op(a, b) if a is not None and b else None for a, b in zip(values, others)]
+
+
+def choose_anchor(values_by_anchor):
+    """The anchor with the lowest median cost: the one to beat."""
+    measured = {name: median(v) for name, v in values_by_anchor.items() if median(v) is not None}
+    return min(measured, key=lambda name: (measured[name], name)) if measured else None
+
+
+def per_rep_cpu_us(results, name):
+    """Per repetition: tracer CPU over all loads / rows over all loads (None
+    for a repetition without rows)."""
+    out = []
+    for rep in results.get(name, []):
+        cpu = sum(e.get("cpu_s", 0) for e in rep.get("loads", []))
+        rows = sum(e.get("rows", 0) for e in rep.get("loads", []))
+        out.append(1e6 * cpu / rows if rows else None)
+    return out
+
+
+def state_summary(saved):
+    """Summary rows of the state-change tools of a saved run.py run: CPU per
+    row against the cheapest bcc or bpftrace tool with the same rows."""
+    tracers, results = saved["tracers"], saved["results"]
+    style = {n: t.get("lost_style") or ("tcptrace" if n.startswith("tcptrace") else "generic")
+             for n, t in tracers.items()}
+    keys = saved["info"]["settings"]["loads"]
+    load = f"loopback connections (bench/loadgen.py): {', '.join(keys)}"
+    rows = []
+    for name, t in tracers.items():
+        if style[name] != "tcptrace":
+            continue
+        mine = per_rep_cpu_us(results, name)
+        others = [n for n, o in tracers.items() if o.get("argv") and style[n] != "tcptrace"]
+        anchors = [n for n in others if tracers[n].get("kind") == t.get("kind")]
+        if not anchors and BCC_TWIN.get(t.get("kind")) in others:
+            anchors = [BCC_TWIN[t["kind"]]]
+        row = {"tool": t["label"], "load": load, "metric": "tracer CPU per row", "measured": three(mine),
+               "unit": "us"}
+        best = choose_anchor({n: per_rep_cpu_us(results, n) for n in anchors})
+        if best:
+            theirs = per_rep_cpu_us(results, best)
+            row.update(anchor=tracers[best]["label"], anchor_value=three(theirs),
+                       ratio=three(paired(mine, theirs, lambda a, b: a / b)))
+        else:
+            row.update(anchor=None, ratio=None,
+                       no_anchor="; ".join(["no bcc or bpftrace tool ran in this run"] + [
+                           n for n in saved["info"].get("notes", []) if "skipped" in n]))
+        rows.append(row)
+    return rows
+
+
+def load_summary(record):
+    """Summary rows of a load script's tcptrace tools: the load's slowdown
+    against the anchor that slows it least, or against no tracer when no
+    anchor runs here."""
+    anchors = {t["label"]: slowdowns(record, t) for t in record["tracers"] if t["role"] == "anchor"}
+    best = choose_anchor(anchors)
+    rows = []
+    for t in record["tracers"]:
+        if t["role"] != "tcptrace":
+            continue
+        mine = slowdowns(record, t)
+        row = {"tool": t["label"], "load": record["title"], "metric": "load slowdown (rate without a tracer / with)",
+               "measured": three(mine), "unit": "x"}
+        if best:
+            row.update(anchor=best, anchor_value=three(anchors[best]),
+                       ratio=three(paired(mine, anchors[best], lambda a, b: a / b)))
+        else:
+            row.update(anchor=None, ratio=three(mine),
+                       no_anchor="; ".join(record.get("missing_anchors") or ["no anchor ran"]))
+        rows.append(row)
+    return rows
+
+
+def fmt_three(stat, fmt):
+    """'median (min-max)', as the rest of the report writes a spread."""
+    if not stat:
+        return "-"
+    if stat["n"] == 1:
+        return fmt(stat["median"])
+    return f"{fmt(stat['median'])} ({fmt(stat['min'])}-{fmt(stat['max'])})"
+
+
+UNIT_FORMATS = {"us": lambda x: f"{x:.1f} us", "x": lambda x: f"x{x:.2f}"}
+
+
+def summary_table(rows, unmeasured=()):
+    """The one table of every tcptrace tool against its best anchor."""
+    lines = ["| tool | load | metric | measured, median (min-max) | best anchor in the same run | the anchor's | "
+             "ratio to the anchor, median (min-max) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        unit = UNIT_FORMATS[r["unit"]]
+        ratio = fmt_three(r.get("ratio"), lambda x: f"{x:.2f}")
+        if r.get("anchor"):
+            anchor, theirs = r["anchor"], fmt_three(r.get("anchor_value"), unit)
+        elif r.get("ratio"):
+            anchor, theirs, ratio = f"none runs here ({r['no_anchor']})", "-", ratio + " to no tracer"
+        else:
+            anchor, theirs = f"none runs here ({r['no_anchor']})", "-"
+        lines.append(f"| {r['tool']} | {r['load']} | {r['metric']} | {fmt_three(r['measured'], unit)} | "
+                     f"{anchor} | {theirs} | {ratio} |")
+    if unmeasured:
+        lines += ["", "Not measured by the bench: " + ", ".join(f"tcptrace {t}" for t in unmeasured) + "."]
+    return lines
+
+
+def load_table(record):
+    """A load script's own table, from its record."""
+    scale, fmt = record.get("scale", 1.0), record["fmt"]
+    value = lambda x: format(x / scale, fmt)  # noqa: E731
+    columns = record.get("columns", [])
+    base = baseline_values(record)
+    head = ["tracer", f"{record['unit']}, median (min-max)", "ratio to no tracer, median (min-max)",
+            "slowdown"] + [c["label"] for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in record["tracers"]:
+        values = [r["value"] for r in t["rounds"]]
+        row = [t["label"], fmt_three(three(values), value),
+               fmt_three(three(paired(values, base, lambda a, b: a / b)), lambda x: f"{x:.3f}"),
+               fmt_three(three(slowdowns(record, t)), UNIT_FORMATS["x"])]
+        for c in columns:
+            got = [r.get(c["key"]) for r in t["rounds"]]
+            cf = lambda x, f=c["fmt"]: format(x, f)  # noqa: E731
+            if not any(v is not None for v in got):
+                row.append("-")
+            elif c.get("agg") == "sum":
+                row.append(cf(sum(v for v in got if v is not None)))
+            elif c.get("agg") == "spread":
+                row.append(fmt_three(three(got), cf))
+            else:
+                row.append(cf(median(got)) if median(got) is not None else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def load_section(record):
+    m, v = record["machine"], record["versions"]
+    settings = ", ".join(f"{k} {val}" for k, val in record.get("settings", {}).items())
+    lines = [f"## {record['bench']}: {record['title']}", "",
+             f"- {record['date']}; {m['nproc']} CPUs, kernel {m['kernel']}; "
+             + ", ".join(f"{k} {val}" for k, val in v.items()),
+             f"- settings: {settings}" if settings else None,
+             "- values are medians over the rounds, (min-max) when there are several; a ratio or slowdown "
+             "is taken against no tracer in the same round"]
+    lines += [f"- {note}" for note in record.get("notes", [])]
+    lines += [f"- not run: {why}" for why in record.get("missing_anchors", [])]
+    lines = [line for line in lines if line is not None] + [""] + load_table(record) + [""]
+    return lines
+
+
+def render_tools(saved, benches, registered=(), where=None):
+    """The page's bench-tools section: the summary of every tool against its
+    best anchor, then the loads of probe, top and drops (benches: {name:
+    record}, the missing ones said to be missing)."""
+    rows = state_summary(saved) if saved else []
+    for name in LOAD_BENCHES:
+        if name in benches:
+            rows += load_summary(benches[name])
+    measured = {r["tool"].split()[1] for r in rows if r["tool"].startswith("tcptrace ")}
+    unmeasured = [t for t in registered if t not in measured]
+    lines = ["# Every tool against its best anchor", "",
+             "Each tcptrace tool under its load, its headline cost, and that cost against the cheapest other "
+             "tracer of the same events in the same run (the anchor): tracer CPU per row for the state-change "
+             "tools (rows of the same kind), the load's slowdown for the others. A ratio below 1 means "
+             "tcptrace costs less than the anchor; it is the median of the ratios taken within each "
+             "repetition, (min-max) over the repetitions.", ""]
+    lines += summary_table(rows, unmeasured)
+    lines.append("")
+    for name in LOAD_BENCHES:
+        if name in benches:
+            lines += load_section(benches[name])
+        else:
+            lines += [f"## {name}", "", "Not run in this run.", ""]
+    if where:
+        lines += [f"Raw numbers of this run: `{where}/`.", ""]
+    return "\n".join(lines)
+
+
+def write_page(run_dir, page=PERFORMANCE_PAGE, registered=None):
+    """Both generated sections of the page from one run's directory, in one
+    write; a --quick state-change run leaves the page alone."""
+    run_dir = Path(run_dir)
+    reports = sorted(p for p in run_dir.glob("*.json") if p.stem not in LOAD_BENCHES)
+    if not reports:
+        raise SystemExit(f"bench: no report of bench/run.py in {run_dir}")
+    with open(reports[-1]) as f:
+        saved = json.load(f)
+    if saved["info"]["settings"].get("quick"):
+        say(f"{reports[-1].name} is a --quick run: {shown_path(page)} left as it was")
+        return 0
+    benches = {}
+    for name in LOAD_BENCHES:
+        path = run_dir / f"{name}.json"
+        if path.exists():
+            with open(path) as f:
+                benches[name] = json.load(f)
+    registered = tcptrace_tools() if registered is None else registered
+    tools = render_tools(saved, benches, registered, shown_path(run_dir))
+    (run_dir / "tools.md").write_text(tools)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gendocs
+
+    page = Path(page)
+    text = page.read_text()
+    try:
+        new = gendocs.replace_section(text, PERFORMANCE_SECTION, docs_section(rerender(reports[-1])))
+        new = gendocs.replace_section(new, TOOLS_SECTION, docs_section(tools))
+    except gendocs.MarkerError as e:
+        raise SystemExit(f"bench: {shown_path(page)} left as it was: {e}")
+    if new != text:
+        page.write_text(new)
+    say(f"{shown_path(page)} {'rewritten' if new != text else 'unchanged'} from {shown_path(run_dir)}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
