@@ -10,12 +10,11 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, tools
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_STATUSES, TcptraceError
 from .net import AF_INET, AF_INET6
 from .output import FORMATS, silence_stdout
 from .spec import BadOption
-from .tools import TOOLS
 
 MAX_LIST = 64  # entries of a -p/-L/-D list (the size of the filter maps)
 
@@ -343,9 +342,49 @@ def cli():
     """Trace the kernel's TCP stack through its stable tracepoints."""
 
 
-for _spec in TOOLS.values():
-    cli.add_command(make_command(_spec))
-cli.add_command(exporter_command())
+class _Commands(dict):
+    """The group's subcommands, each made when first asked for: a run of one
+    declares (and imports) that one alone. Listing them makes them all."""
+
+    def __init__(self, makers):
+        super().__init__()
+        self.makers = makers
+
+    def __missing__(self, name):
+        if name not in self.makers:
+            raise KeyError(name)
+        command = self[name] = self.makers[name]()
+        return command
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def __contains__(self, name):
+        return name in self.makers or dict.__contains__(self, name)
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self.makers, *dict.keys(self)]))
+
+    def __len__(self):
+        return len(dict.fromkeys([*self.makers, *dict.keys(self)]))
+
+    def _all(self):
+        for name in self.makers:
+            self[name]  # noqa: B018 (made on first use)
+        return self
+
+    def keys(self):
+        return dict.keys(self._all())
+
+    def values(self):
+        return dict.values(self._all())
+
+    def items(self):
+        return dict.items(self._all())
+
+
+cli.commands = _Commands({**{name: (lambda name=name: make_command(tools.spec(name))) for name in tools.NAMES},
+                          "exporter": exporter_command})
 
 
 @cli.command("doctor", short_help="Check what tcptrace needs and which subcommands and columns work here.",

@@ -8,20 +8,23 @@ the hand-written .bpf.c, which adapts with #if. User input reaches the
 program only as validated integers through `define()`, never as text.
 """
 
+import os
 import re
-from importlib import resources
 
 from .errors import BuildError, KernelTooOldError
 from .layout import Layout
 
 COMMON_HEADER = "tcptrace.h"
+# The programs ship as files inside the package (pyproject.toml's package data).
+BPF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf")
 _IDENT = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _INCLUDE = re.compile(r"^[ \t]*#[ \t]*include\b(.*)$", re.M)
 _OUR_HEADER = re.compile(r'^\s*"(tcptrace\.h|[A-Za-z0-9_]+\.bpf\.h)"\s*$')
 
 
 def bpf_source(name):
-    return resources.files("tcptrace").joinpath("bpf", name).read_text()
+    with open(os.path.join(BPF_DIR, name), encoding="utf-8") as f:
+        return f.read()
 
 
 def expand_includes(text, what, seen=None):

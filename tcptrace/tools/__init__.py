@@ -1,6 +1,21 @@
-"""The registry of tools: one line per subcommand."""
+"""The registry of tools: one name per subcommand.
 
-from . import accept, connect, drops, life, probe, resets, retrans, states, top
+A tool's module is imported when it is asked for: a run of `tcptrace states`
+declares states alone (start-up counts toward the time to the first event).
+TOOLS, every spec by name, imports them all on first use."""
 
-TOOLS = {spec.name: spec for spec in (states.SPEC, life.SPEC, resets.SPEC, retrans.SPEC, connect.SPEC,
-                                      accept.SPEC, drops.SPEC, probe.SPEC, top.SPEC)}
+import importlib
+
+NAMES = ("states", "life", "resets", "retrans", "connect", "accept", "drops", "probe", "top")
+
+
+def spec(name):
+    """The spec of one tool (its module is named after it)."""
+    return importlib.import_module(f"{__name__}.{name}").SPEC
+
+
+def __getattr__(attr):
+    if attr == "TOOLS":
+        tools = globals()["TOOLS"] = {name: spec(name) for name in NAMES}
+        return tools
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
