@@ -147,8 +147,8 @@ OPTIONS.update({
                            show_default=True,
                            help="Kernel-to-user buffer: a BPF ring buffer (Linux 5.8+) or per-CPU perf buffers."),
     "buffer_pages": click.option("--buffer-pages", type=int, callback=_pages, metavar="PAGES",
-                                 help="Buffer size in pages, a power of two (ring: 16384 in all, 64 MiB with "
-                                      "4 KiB pages, to ride out bursts; perf: 64 per CPU)."),
+                                 help="Buffer size in pages, a power of two (ring: 8 MiB per CPU, 8-64 MiB, at "
+                                      "most 1/256 of the memory; perf: 64 per CPU)."),
     "quiet": click.option("-q", "--quiet", is_flag=True,
                           help="No line on stderr saying that tracing has begun."),
     "verbose": click.option("--verbose", is_flag=True,

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from .. import btf, codegen, headers, workload
 from ..errors import KernelTooOldError
 
-RING_PAGES = 16384  # 64 MiB; see defines_for()
+RING_MIB_PER_CPU = 8  # see ring_pages()
+RING_MIB_MIN, RING_MIB_MAX = 8, 64
 RINGBUF_SINCE = (5, 8, 0)  # the BPF ring buffer
 
 
@@ -50,16 +51,41 @@ def ringbuf_supported():
     return kernel_version() >= RINGBUF_SINCE
 
 
+def _mem_total_mib():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def ring_pages(cpus=None, mem_mib=None, page=None):
+    """The ring buffer's size in pages when --buffer-pages does not say:
+    RING_MIB_PER_CPU for each CPU (events come from every CPU, the reader
+    is one), from RING_MIB_MIN to RING_MIB_MAX, at most 1/256 of the
+    memory, a power of two. All of it is in the reader's RSS (the kernel
+    maps every page at once), so it is sized for the bursts that come while
+    the reader waits for a CPU, not for a whole overload: that is what the
+    reader's priority is for (priority.py). With 8 pairs of full-speed
+    loopback connections on 2 CPUs, 16 MiB delivered every event."""
+    cpus = cpus or os.cpu_count() or 1
+    mem_mib = mem_mib if mem_mib is not None else _mem_total_mib()
+    page = page or os.sysconf("SC_PAGE_SIZE")
+    mib = min(max(cpus * RING_MIB_PER_CPU, RING_MIB_MIN), RING_MIB_MAX)
+    if mem_mib:
+        mib = min(mib, max(1, mem_mib // 256))
+    pages = max(1, mib * 1024 * 1024 // page)
+    return 1 << (pages.bit_length() - 1)
+
+
 def defines_for(spec, opts, use_ring):
     defs = {}
     if use_ring:
         defs["TCPTRACE_RINGBUF"] = 1
-        # 64 MiB, about 600,000 state changes: a reader in its own session
-        # (its own scheduler autogroup) was measured to wait up to 1.5 s on
-        # the run queue while a full-speed loopback load ran on every CPU,
-        # and 8 MiB then lost most events. The kernel allocates all of it;
-        # the reader's RSS grows only by the part a burst fills.
-        defs["TCPTRACE_RINGBUF_PAGES"] = opts.buffer_pages or RING_PAGES
+        defs["TCPTRACE_RINGBUF_PAGES"] = opts.buffer_pages or ring_pages()
     if opts.family:
         defs["FILTER_FAMILY"] = opts.family
     if opts.lports:

@@ -24,7 +24,7 @@ CAP_NAMES = {CAP_DAC_READ_SEARCH: "CAP_DAC_READ_SEARCH", CAP_SYS_ADMIN: "CAP_SYS
              CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
 CAPS_SINCE = (5, 8, 0)  # CAP_BPF and CAP_PERFMON
 MEMCG_SINCE = (5, 11, 0)  # BPF memory charged to the cgroup, not to RLIMIT_MEMLOCK
-MEMLOCK_NEEDED = 128 << 20  # the ring buffer (64 MiB) and the maps, with room
+MEMLOCK_NEEDED = 128 << 20  # the ring buffer (up to 64 MiB) and the maps, with room
 
 
 def capabilities(status="/proc/self/status"):

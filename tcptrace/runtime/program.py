@@ -3,7 +3,8 @@
 Two implementations: CachedProgram (loaded by bpfsys from a Compiled, no
 bcc in the process) and bcc.BccProgram (built and loaded by bcc). Both
 offer: map(name) at the byte level, attach(), program_fds(), open_events()
-returning poll(timeout_ms), count_ready(ended_ns) and close(). The session
+returning poll(timeout_ms), count_ready(ended_ns), fill() (the buffer's filled
+fraction, None when unknown) and close(). The session
 never asks which one it has.
 """
 
@@ -45,6 +46,9 @@ class CachedProgram:
 
     def count_ready(self, ended_ns):
         return self.reader.count_ready(ended_ns) if self.reader is not None else 0
+
+    def fill(self):
+        return self.reader.fill() if self.reader is not None else None
 
     def close(self):
         if self.reader is not None:

@@ -175,6 +175,10 @@ class RingReader:
                 return got
         return got
 
+    def fill(self):
+        """The filled fraction of the buffer: written, not yet read."""
+        return (_U64.unpack_from(self.prod, 0)[0] - _U64.unpack_from(self.cons, 0)[0]) / self.size
+
     def count_ready(self, until_ns=None):
         """How many committed records wait to be read (the consumer
         position stays where it is); with until_ns, only those whose first

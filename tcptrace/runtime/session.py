@@ -18,6 +18,7 @@ from .bpfsys import BPF_NOEXIST
 from .losses import Losses
 from .plan import plan as make_plan
 from .preflight import check_memlock, check_privileges, formats_source
+from .priority import Priority
 from .ringbuf import BATCH
 from .stopper import Stopper, StopWriting
 
@@ -49,6 +50,8 @@ class Session:
         self.stream = None
         self.losses = Losses()
         self.flushed_rows = 0  # rows written and flushed
+        self.priority = Priority(self.verbose)
+        self.max_fill = 0.0  # of the buffer, at the reads
         counter = spec.counter
         # Histograms instead of rows, when the tool's options ask for them.
         self.histogram = counter.histogram if counter and counter.histogram and \
@@ -346,6 +349,8 @@ class Session:
         deadline = time.monotonic() + self.opts.duration if self.opts.duration else None
         next_stats = time.monotonic() + STATS_EVERY_S
         writer, stream, poll = self.writer, self.stream, self.poll
+        fill, max_fill = self.program.fill, 0.0
+        self.priority.raise_()
         ended_ns = None  # when the loop ended, if no signal ended it
         with Stopper() as stopper:
             try:
@@ -361,6 +366,9 @@ class Session:
                         done = stream.drain()
                         writer.flush()
                     self.flushed_rows = stream.rows
+                    filled = fill()
+                    if filled is not None and filled > max_fill:
+                        max_fill = self.max_fill = filled
                     now = time.monotonic()
                     if now >= next_stats:
                         self.read_stats()
@@ -414,12 +422,16 @@ class Session:
             with stopper.output():  # stderr can be a pipe nobody reads, too
                 if buffer_losses:
                     self.losses.report_new(self.say)
+                    if self.program is not None and self.program.fill() is not None:
+                        self.verbose(f"the buffer was at most {self.max_fill:.0%} full when read "
+                                     "(--buffer-pages sizes it)")
                 self.losses.report_final(self.say, self.stream)
         except StopWriting:
             pass
         return self.losses.status()
 
     def close(self):
+        self.priority.restore()
         if self.program is not None:
             self.program.close()
             self.program = None

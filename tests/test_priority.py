@@ -1,0 +1,142 @@
+"""The reader's priority (runtime/priority.py) and the ring's default size
+(plan.ring_pages). The priority changes are real: each case runs in a child
+process that leads a session of its own, so the autogroup it renices is its
+own and not the test run's."""
+
+import json
+import os
+
+import pytest
+
+from tcptrace.runtime import priority
+from tcptrace.runtime.plan import RunOptions, defines_for, ring_pages
+
+
+def in_child(work):
+    """work() -> a JSON-able value, run in a forked child in a new session."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.close(read)
+        try:
+            os.setsid()
+            result = {"ok": work()}
+        except BaseException as e:  # report, never fall back into pytest
+            result = {"error": f"{e.__class__.__name__}: {e}"}
+        os.write(write, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert "error" not in result, result["error"]
+    return result["ok"]
+
+
+def state():
+    return [os.getpriority(os.PRIO_PROCESS, 0), priority._autogroup_nice()]
+
+
+@pytest.fixture
+def root():
+    if os.geteuid() != 0:
+        pytest.skip("raising a priority needs root (CAP_SYS_NICE)")
+
+
+def test_raised_for_the_run_and_put_back(root):
+    def work():
+        said = []
+        p = priority.Priority(said.append)
+        seen = {"start": state(), "raised": p.raise_()}
+        seen["reading"] = state()
+        p.restore()
+        seen["end"] = state()
+        p.restore()  # twice is harmless
+        seen["said"] = said
+        return seen
+
+    seen = in_child(work)
+    base, group = seen["start"]
+    assert base == 0 and seen["raised"]
+    grouped = group is not None  # the kernel groups tasks by session
+    assert seen["reading"] == [priority.READER_NICE, priority.READER_NICE if grouped else None]
+    assert seen["end"] == [0, 0 if grouped else None]
+    assert seen["said"] == [f"the reader{' (and its session)' if grouped else ''} runs at nice "
+                            f"{priority.READER_NICE} while it reads events"]
+
+
+def test_a_nice_value_chosen_by_the_user_is_kept(root):
+    def work():
+        os.setpriority(os.PRIO_PROCESS, 0, 5)  # as `nice -n 5 tcptrace ...`
+        said = []
+        p = priority.Priority(said.append)
+        raised = p.raise_()
+        seen = [raised, state()]
+        p.restore()
+        return seen + [state(), said]
+
+    raised, reading, end, said = in_child(work)
+    assert not raised and reading[0] == 5 and end[0] == 5 and reading[1] in (0, None)
+    assert said == ["the reader keeps the nice value it was started with (5)"]
+
+
+def test_a_session_given_a_nice_value_keeps_it(root):
+    if priority._autogroup_nice() is None:
+        pytest.skip("this kernel does not group tasks by session")
+
+    def work():
+        priority._set_autogroup(3)
+        p = priority.Priority()
+        p.raise_()
+        seen = state()
+        p.restore()
+        return seen + state()
+
+    assert in_child(work) == [priority.READER_NICE, 3, 0, 3]
+
+
+def test_without_the_privilege_the_reader_says_so_and_goes_on(root):
+    def work():
+        os.setgid(65534)
+        os.setuid(65534)  # no CAP_SYS_NICE; the default RLIMIT_NICE allows no raise
+        said = []
+        p = priority.Priority(said.append)
+        raised = p.raise_()
+        p.restore()
+        return {"said": said, "raised": raised, "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+
+    seen = in_child(work)
+    assert not seen["raised"] and seen["nice"] == 0
+    assert len(seen["said"]) == 1 and "CAP_SYS_NICE" in seen["said"][0] and "events would be lost" in seen["said"][0]
+
+
+@pytest.mark.parametrize("cpus, mem_mib, mib", [
+    (1, 64000, 8),      # the floor
+    (2, 24000, 16),
+    (3, 24000, 16),     # a power of two
+    (4, 16000, 32),
+    (4, 4000, 8),       # 15 MiB: 1/256 of the memory, rounded down
+    (8, 64000, 64),
+    (192, 10**6, 64),   # the ceiling
+    (4, 1024, 4),       # at most 1/256 of the memory
+    (1, 300, 1),
+])
+def test_ring_size_follows_the_machine(cpus, mem_mib, mib):
+    pages = ring_pages(cpus, mem_mib, 4096)
+    assert pages * 4096 == mib << 20
+    assert pages & (pages - 1) == 0
+
+
+def test_ring_size_is_a_power_of_two_pages_with_large_pages():
+    pages = ring_pages(3, 24000, 65536)  # 24 MiB on 64 KiB pages: 16 MiB
+    assert pages == 256
+
+
+def test_buffer_pages_overrides_the_machine():
+    from tcptrace.tools import spec
+
+    defs = defines_for(spec("states"), RunOptions(buffer_pages=64), True)
+    assert defs["TCPTRACE_RINGBUF_PAGES"] == 64
+    defs = defines_for(spec("states"), RunOptions(), True)
+    assert defs["TCPTRACE_RINGBUF_PAGES"] == ring_pages()
