@@ -6,10 +6,12 @@ tracer, `tcptrace drops` and a bpftrace one-liner counting the same
 tracepoint by reason; prints each one's median rate and its ratio to no
 tracer in the same round (the bar: at least 0.97).
 
-The kernel does report drops in such a load: a connection closed with data
-still queued frees it as QUEUE_PURGE (about one segment per connection on
-6.18). `tcptrace drops` prints those rows; `tcptrace drops --reason
-NO_SOCKET` filters them out in the kernel and measures the program alone.
+The kernel does report drops in such a load: the server closes first, and
+the client's FIN, queued on the server's orphaned socket, is freed with it as
+QUEUE_PURGE (about one segment per connection on 6.12 and later).
+`tcptrace drops` leaves such segments without payload out in the kernel and
+counts them; `tcptrace drops --reason NO_SOCKET` reaches the ring for none
+either, through its reason filter.
 
     sudo python3 bench/drops_load.py [--rounds 5] [--seconds 3] [--pairs 2] [--json PATH]
 

@@ -212,6 +212,9 @@ class ToolSpec:
     # running kernel's "tracepoint.field" -> {number: name} tables.
     own_options: tuple = ()
     configure: Optional[Callable] = None
+    # What the program leaves out on purpose and counts, said at exit when
+    # not 0: (per-CPU array map, what its count is), e.g. drops' purges.
+    hidden: tuple = ()
 
     def table_columns(self, wide=False, extended=False):
         return [

@@ -67,16 +67,33 @@ def test_listen_overflow_is_a_reason_only_on_newer_kernels():
 
 # -- its own options ---------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel,skip", [("6.1", 1), ("6.18", 2)])
-def test_default_leaves_out_what_is_not_a_drop(kernel, skip):
+@pytest.mark.parametrize("kernel,skip,purge", [("6.1", 1, None), ("6.12", 2, 91), ("6.18", 2, 104)])
+def test_default_leaves_out_what_is_not_a_drop(kernel, skip, purge):
+    """NOT_SPECIFIED and before, and (where the kernel has QUEUE_PURGE, at
+    its own number) a purged segment without payload."""
     settings = drops.configure(values(), symbols(kernel))
-    assert settings.defines == {"SKIP_REASONS_UPTO": skip, "REASON_NO_SOCKET": TABLES[kernel]["NO_SOCKET"]}
+    no_socket = drops.reason_table(symbols(kernel))["NO_SOCKET"]
+    expected = {"SKIP_REASONS_UPTO": skip, "REASON_NO_SOCKET": no_socket}
+    if purge is not None:
+        expected["SKIP_EMPTY_PURGE"] = purge
+    assert settings.defines == expected
     assert settings.maps == {}
 
 
-def test_all_reasons_keeps_everything():
-    settings = drops.configure(values(all_reasons=True), symbols("6.18"))
-    assert "SKIP_REASONS_UPTO" not in settings.defines and "FILTER_REASONS" not in settings.defines
+@pytest.mark.parametrize("kernel", ["6.12", "6.18"])
+@pytest.mark.parametrize("given", [{"all_reasons": True}, {"reasons": ("QUEUE_PURGE",)},
+                                   {"reasons": ("NO_SOCKET",)}])
+def test_all_reasons_or_a_reason_list_hides_nothing(kernel, given):
+    settings = drops.configure(values(**given), symbols(kernel))
+    assert "SKIP_REASONS_UPTO" not in settings.defines and "SKIP_EMPTY_PURGE" not in settings.defines
+    assert ("FILTER_REASONS" in settings.defines) == ("reasons" in given)
+
+
+def test_the_empty_purge_filter_reaches_the_program():
+    settings = drops.configure(values(), symbols("6.18"))
+    text = plan("6.18", extra=settings.defines).text
+    assert "#define SKIP_EMPTY_PURGE 104\n" in text
+    assert "BPF_PERCPU_ARRAY(drops_hidden, u64, 1);" in text
 
 
 @pytest.mark.parametrize("kernel", sorted(TABLES))
@@ -276,7 +293,8 @@ def test_help_shows_the_examples():
 
 # Switches of the C that the shared variants of test_kernels do not reach.
 VARIANTS = {
-    "default": {"extra": {"SKIP_REASONS_UPTO": 2, "REASON_NO_SOCKET": 3}},
+    "default": {"extra": {"SKIP_REASONS_UPTO": 2, "REASON_NO_SOCKET": 3, "SKIP_EMPTY_PURGE": 104}},
+    "count-purge": {"count": True, "extra": {"SKIP_EMPTY_PURGE": 104}, "family": 2},
     "reasons": {"extra": {"FILTER_REASONS": 1}, "pids": (1,), "lports": (80,), "family": 10},
     "count-lport": {"count": True, "extra": {"COUNT_BY_LPORT": 1, "FILTER_REASONS": 1}, "rports": (80,)},
     "perf": {"buffer": "perf"},

@@ -1,5 +1,7 @@
 """tcptrace drops against real drops of known reasons (root + BPF): a SYN to
-a closed port, an nftables drop, a bad checksum, a full accept queue."""
+a closed port, an nftables drop, a bad checksum, a segment outside the
+receive window, a SYN without the listener's TCP-MD5 signature, a full
+accept queue, and the purge of a closed connection that is not a drop."""
 
 import socket
 import subprocess
@@ -205,3 +207,198 @@ def test_full_accept_queue(bpf):
     assert overflows >= 3, overflows  # three excess SYNs, and their retries within 2.5 s
     syn_drops = [r for r in t.json_rows() if r["flags"] == "S"]
     assert syn_drops == []
+
+
+# -- what is hidden by default: the purge of a dead socket's queue ---------------------
+
+SERVER_CLOSES = r"""
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+l = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((host, port)); l.listen(8)
+print("listening", flush=True)
+for _ in range(n):
+    c, _ = l.accept(); c.close()
+sys.stdin.readline()
+"""
+
+def wait_for(tracer, text, times, timeout=10):
+    deadline = time.monotonic() + timeout
+    while tracer.stdout_so_far.count(text) < times and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ip", ["v4", "v6"])
+def test_purge_of_a_connection_the_server_closed_is_hidden(bpf, ip):
+    """The server closes first; the client's FIN (with the ACK of the
+    server's) is queued on the orphaned socket, which then dies and purges
+    its queue: QUEUE_PURGE of a segment without payload, once per
+    connection, where the kernel names it. Hidden and counted by default,
+    shown by --all-reasons, and -c agrees with the rows in both modes; the
+    count hidden is said on stderr at exit."""
+    host, family, version = HOSTS[ip]
+    table = reason_table()
+    port, n = free_port(family, host), 4
+    with Tracer("drops", "-o", "json", "-L", str(port)) as default, \
+            Tracer("drops", "-o", "json", "--all-reasons", "-L", str(port)) as every, \
+            Tracer("drops", "-c", "-o", "json", "-L", str(port)) as counted, \
+            Tracer("drops", "-c", "-o", "json", "--all-reasons", "-L", str(port)) as counted_all:
+        server = subprocess.Popen([sys.executable, "-c", SERVER_CLOSES, host, str(port), str(n)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "listening"
+            cports = []
+            for _ in range(n):
+                with socket.create_connection((host, port), timeout=10) as c:
+                    cports.append(c.getsockname()[1])
+                    assert c.recv(1) == b""  # the server's FIN: close at once, as clients do
+            if "QUEUE_PURGE" in table:
+                wait_for(every, '"QUEUE_PURGE"', n)
+            for t in (default, every, counted, counted_all):
+                assert t.stop() == 0, t.stderr
+        finally:
+            server.communicate("\n", timeout=10)
+    comm = sys.executable.rsplit("/", 1)[-1][:15]
+    if "QUEUE_PURGE" not in table:  # before 6.7 the purge is no drop at all
+        assert default.json_rows() == every.json_rows() == []
+        return
+    purged = [segment(version, host, cport, host, port, "AF", "QUEUE_PURGE", pid=server.pid, comm=comm,
+                      state="CLOSE", work=own_workload()) for cport in cports]
+    assert every.json_rows() == purged
+    assert default.json_rows() == []
+    assert f"tcptrace: {n} QUEUE_PURGE segments without payload left out" in default.stderr
+    assert "QUEUE_PURGE segments" not in every.stderr + counted_all.stderr
+    assert counted.json_rows() == []
+    assert counted_all.json_rows() == [{"reason": "QUEUE_PURGE", "lport": None, "count": n}]
+
+
+# -- a segment outside the receive window -----------------------------------------
+
+V6_SENDER, V6_RECEIVER = "fd00:198:18::1", "fd00:198:18::2"
+NS_HOSTS = {"v4": (SENDER_ADDR, RECEIVER_ADDR, 4), "v6": (V6_SENDER, V6_RECEIVER, 6)}
+
+OUT_OF_WINDOW = r"""
+import socket, struct, sys
+host, port, offset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+v6 = ":" in host
+c = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+c.connect((host, port))
+# The next sequence number the peer expects: repair mode reads it.
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_SEND_QUEUE, TCP_REPAIR_OFF_NO_WP = 19, 20, 21, 2, -1
+c.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+c.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+seq = struct.unpack("=I", c.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
+c.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+src, sport = c.getsockname()[:2]
+hdr = struct.pack("!HHIIBBHHH", sport, port, (seq + offset) % 2**32, 0, 5 << 4, 0x10, 65535, 0, 0)
+if v6:
+    raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    raw.setsockopt(socket.IPPROTO_IPV6, 7, 16)  # IPV6_CHECKSUM: the kernel fills it in at byte 16
+    raw.sendto(hdr, (host, 0))
+else:
+    def csum(d):
+        t = sum(struct.unpack("!%dH" % (len(d) // 2), d))
+        while t >> 16: t = (t & 0xFFFF) + (t >> 16)
+        return ~t & 0xFFFF
+    pseudo = socket.inet_aton(src) + socket.inet_aton(host) + struct.pack("!BBH", 0, 6, len(hdr))
+    hdr = hdr[:16] + struct.pack("!H", csum(pseudo + hdr)) + hdr[18:]
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP).sendto(hdr, (host, 0))
+print(sport, flush=True)
+sys.stdin.readline()
+"""
+
+
+def add_v6(pair):
+    """Static IPv6 addresses on the veth, usable at once (nodad)."""
+    for ns, dev, addr in ((pair.sender, pair.veth_s, V6_SENDER), (pair.receiver, pair.veth_r, V6_RECEIVER)):
+        pair.ns(ns, "ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
+
+
+@pytest.mark.parametrize("ip", ["v4", "v6"])
+@pytest.mark.parametrize("where", ["ahead", "behind"])
+def test_segment_outside_the_receive_window(bpf, ip, where):
+    """An ACK with a sequence number 2^30 past what an ESTABLISHED receiver
+    expects, or 2^30 before it, sent with a raw socket across a veth:
+    tcp_sequence() rejects it. Ahead it is TCP_INVALID_SEQUENCE; behind,
+    kernels whose table has TCP_OLD_SEQUENCE (6.12 and 6.18 do, 6.1 does
+    not) say so, the others TCP_INVALID_SEQUENCE. Timestamps are off so that PAWS, which comes
+    first, has nothing to say."""
+    table = reason_table()
+    reason = "TCP_OLD_SEQUENCE" if where == "behind" and "TCP_OLD_SEQUENCE" in table else "TCP_INVALID_SEQUENCE"
+    src, dst, version = NS_HOSTS[ip]
+    port, offset = 8474, (1 << 30) if where == "ahead" else -(1 << 30)
+    with LinkPair() as pair:
+        if ip == "v6":
+            add_v6(pair)
+        for ns in (pair.sender, pair.receiver):
+            pair.ns(ns, "sysctl", "-qw", "net.ipv4.tcp_timestamps=0")
+        with Tracer("drops", "-o", "json", "-L", str(port)) as t:
+            server = Endpoint("server", dst, port, netns=pair.receiver)
+            client = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", OUT_OF_WINDOW, dst,
+                                       str(port), str(offset)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+            try:
+                line = client.stdout.readline()
+                assert line.strip().isdigit(), client.stderr.read()
+                sport = int(line)
+                wait_for(t, f'"{reason}"', 1)
+                assert t.stop() == 0, t.stderr
+            finally:
+                client.communicate("\n", timeout=10)
+                server.kill()
+        rows = t.json_rows()
+        assert rows == [segment(version, src, sport, dst, port, "A", reason, pid=server.pid, comm=rows[0]["comm"],
+                                state="ESTABLISHED", work=own_workload(f"/run/netns/{pair.receiver}"))], rows
+    assert rows[0]["comm"] == sys.executable.rsplit("/", 1)[-1][:15]
+
+
+# -- TCP-MD5: a SYN without the signature the listener requires --------------------
+
+MD5_LISTENER = r"""
+import socket, struct, sys
+host, port, peer = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+v6 = ":" in host
+family = socket.AF_INET6 if v6 else socket.AF_INET
+l = socket.socket(family)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((host, port))
+if v6:  # struct sockaddr_in6
+    addr = struct.pack("=H", family) + struct.pack("!HI", 0, 0) + socket.inet_pton(family, peer) + bytes(4)
+else:  # struct sockaddr_in
+    addr = struct.pack("=H", family) + struct.pack("!H", 0) + socket.inet_aton(peer)
+key = b"tcptrace-md5-key"
+# struct tcp_md5sig: the peer (a sockaddr_storage), flags, prefix length, key length, ifindex, key
+l.setsockopt(socket.IPPROTO_TCP, 14, addr.ljust(128, b"\0") + struct.pack("=BBHi", 0, 0, len(key), 0)
+             + key.ljust(80, b"\0"))  # TCP_MD5SIG
+l.listen(8)
+print("listening", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("ip", ["v4", "v6"])
+def test_syn_without_the_listeners_md5_signature(bpf, ip):
+    """A listener holding a TCP-MD5 key for its peer, and a client without
+    one: the listener drops every SYN. kfree_skb names it
+    (TCP_MD5NOTFOUND, in the tables of 6.1, 6.12 and 6.18), which is why tcp_hash_md5_required is not
+    attached: it would report the same segment twice."""
+    host, family, version = HOSTS[ip]
+    table = reason_table()
+    assert "TCP_MD5NOTFOUND" in table, f"this kernel names no TCP-MD5 drop: {sorted(table)}"
+    port, cport = free_port(family, host), free_port(family, host)
+    with Tracer("drops", "-o", "json", "-L", str(port)) as t:
+        server = subprocess.Popen([sys.executable, "-c", MD5_LISTENER, host, str(port), host],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "listening", server.stderr.read()
+            client = Endpoint("client", host, port, "--bind-port", cport, "--syncnt", 1, "--give-up", 1.5)
+            assert client.outcome() in ("timeout", "gave-up")
+            assert t.stop() == 0, t.stderr
+        finally:
+            server.communicate("\n", timeout=10)
+    rows = t.json_rows()
+    comm = sys.executable.rsplit("/", 1)[-1][:15]
+    expected = segment(version, host, cport, host, port, "S", "TCP_MD5NOTFOUND", pid=server.pid, comm=comm,
+                       state="LISTEN", work=own_workload())
+    assert len(rows) >= 1 and rows == [expected] * len(rows), rows

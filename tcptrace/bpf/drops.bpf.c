@@ -25,10 +25,19 @@
  * own was being sent, any other (and any without a socket) was received.
  * LPORT for -L and the counts is the local end of that direction.
  *
- * The owner is the socket's (tcptrace.h's owner tracking), not the task on
- * the CPU: most drops happen in softirq context. A socket that was not
- * seen, or no socket at all, falls back to the owner of the listener on the
- * local port, except for NO_SOCKET (no socket wanted the segment).
+ * The owner is the socket's, not the task on the CPU: most drops happen in
+ * softirq context. Only connect() and listen() are recorded (see
+ * on_inet_sock_set_state); any other socket, an accepted one included, or
+ * no socket at all, falls back to the owner of the listener on the local
+ * port, except for NO_SOCKET (no socket wanted the segment).
+ *
+ * QUEUE_PURGE (in 6.12's and 6.18's tables, not 6.1's) is what
+ * __skb_queue_purge() reports for every skb of a dead socket's queues. A
+ * server that closes first gets one per connection: the peer's FIN,
+ * queued on the orphaned socket and acted on, is freed with it (tcp_fin -> inet_csk_destroy_sock ->
+ * sk_stream_kill_queues). With SKIP_EMPTY_PURGE (that reason's number) such
+ * a segment without payload is counted in drops_hidden instead of shown;
+ * one with payload (data never read) still is.
  *
  * Reasons are numbers whose names differ between kernels: user space names
  * them from the format file and fills filter_reasons (--reason) or sets
@@ -42,6 +51,7 @@
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define HDR_BYTES 80
+#define TCP_FIXED_BYTES 14 /* ports, sequence, ack, data offset, flags */
 
 /* Which of pid/comm and state carry a value. */
 #define F_OWNER 1
@@ -73,6 +83,10 @@ COUNT_MAP(struct count_key);
 
 #ifdef FILTER_REASONS
 BPF_HASH(filter_reasons, u32, u8, 1024);
+#endif
+#ifdef SKIP_EMPTY_PURGE
+/* Segments without payload hidden as a dead socket's queue purge, per CPU. */
+BPF_PERCPU_ARRAY(drops_hidden, u64, 1);
 #endif
 
 #if defined(OFF_SK_BUFF_HEAD) && defined(OFF_SK_BUFF_NETWORK_HEADER)
@@ -127,6 +141,19 @@ static __always_inline int tcp_headers(struct tp_kfree_skb *args, u64 skb, struc
 	}
 	return 0;
 }
+#ifdef SKIP_EMPTY_PURGE
+/* The TCP payload's length from the IP header's lengths and the TCP
+ * header's data offset; negative when they make no sense (an IPv6 jumbo
+ * packet of BIG TCP has a payload length of 0), which is never hidden. */
+static __always_inline s32 payload_bytes(struct event *ev, u8 *th)
+{
+	s32 tcp_len = (th[12] >> 4) * 4;
+
+	if (ev->family == AF_INET)
+		return (s32)(((u16)ev->hdr[2] << 8) | ev->hdr[3]) - (ev->hdr[0] & 0x0f) * 4 - tcp_len;
+	return (s32)(((u16)ev->hdr[4] << 8) | ev->hdr[5]) - tcp_len;
+}
+#endif
 #endif
 
 int on_kfree_skb(struct tp_kfree_skb *args)
@@ -146,15 +173,18 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	if (!tcp_headers(args, skb, &ev, &tcp) || !family_ok(ev.family))
 		return 0;
 
-	/* The ports read again from the packet: indexing hdr[] by the IP
-	 * header's length is a variable stack offset, which verifiers before
-	 * 5.11 refuse. */
-	u16 ports[2] = {};
+	/* The TCP header read again from the packet: indexing hdr[] by the
+	 * IP header's length is a variable stack offset, which verifiers
+	 * before 5.11 refuse. */
+	u8 th[TCP_FIXED_BYTES] = {};
 
-	if (read_kernel(ports, sizeof(ports), (void *)tcp))
+	if (read_kernel(th, sizeof(th), (void *)tcp))
 		return 0;
 
-	u16 sport = __builtin_bswap16(ports[0]), dport = __builtin_bswap16(ports[1]);
+	u16 sport = ((u16)th[0] << 8) | th[1], dport = ((u16)th[2] << 8) | th[3];
+#ifdef SKIP_EMPTY_PURGE
+	int hide = reason == SKIP_EMPTY_PURGE && payload_bytes(&ev, th) == 0;
+#endif
 	u16 lport = dport, rport = sport;
 	u64 sk = skb_socket(args, skb);
 
@@ -202,6 +232,17 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	if (!workload_read_any(sk, &ev.cgroup_id, &ev.netns))
 		return 0;
 
+#ifdef SKIP_EMPTY_PURGE
+	/* Last, so that the count is what --all-reasons would have added. */
+	if (hide) {
+		u32 slot = 0;
+		u64 *hidden = drops_hidden.lookup(&slot);
+
+		if (hidden)
+			(*hidden)++;
+		return 0;
+	}
+#endif
 #ifdef TCPTRACE_COUNT
 	struct count_key key = {};
 	u64 zero = 0;
@@ -225,18 +266,36 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 }
 
 #ifdef HAVE_INET_SOCK_SET_STATE
+/*
+ * Lighter than owners.bpf.h's track_owner(), which writes on four kinds of
+ * transition and copies the listener's owner into every accepted child:
+ * drops needs an owner only for the rare socket a dropped segment belongs
+ * to, and finds an accepted child's owner at drop time, by the listener on
+ * its local port. So only connect() (SYN_SENT) and listen() (LISTEN) are
+ * recorded, and the one delete at CLOSE keeps a recycled socket address
+ * from inheriting a stale owner.
+ */
 int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
 	if (!is_tcp(args->protocol))
 		return 0;
 
 	u64 skaddr = args->skaddr;
-	s32 newstate = args->newstate;
+	s32 oldstate = args->oldstate, newstate = args->newstate;
+	u16 lport = args->sport;
 
-	track_owner(skaddr, args->oldstate, newstate, args->sport);
-	workload_track(skaddr, args->oldstate, newstate, args->sport);
-	if (newstate == TCP_CLOSE)
+	if (newstate == TCP_CLOSE) {
 		forget_owner(skaddr);
+		if (oldstate == TCP_LISTEN)
+			listen_owners.delete(&lport);
+	} else if (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN) {
+		struct owner o = {};
+
+		set_owner_current(skaddr, &o);
+		if (newstate == TCP_LISTEN)
+			listen_owners.update(&lport, &o);
+	}
+	workload_track(skaddr, oldstate, newstate, lport);
 	return 0;
 }
 #endif

@@ -426,9 +426,20 @@ class Session:
                         self.verbose(f"the buffer was at most {self.max_fill:.0%} full when read "
                                      "(--buffer-pages sizes it)")
                 self.losses.report_final(self.say, self.stream)
+                self._report_hidden()
         except StopWriting:
             pass
         return self.losses.status()
+
+    def _report_hidden(self):
+        """Events the program left out on purpose: not losses, but said."""
+        for name, what in self.spec.hidden if self.program is not None else ():
+            try:
+                count = sum(int.from_bytes(v, sys.byteorder) for v in self.read_percpu(name))
+            except KeyError:  # not in this run's program (the option that hides them is off)
+                continue
+            if count:
+                self.say(f"{count} {what}")
 
     def close(self):
         self.priority.restore()

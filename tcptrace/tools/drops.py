@@ -29,6 +29,10 @@ REASON_SYMBOLS = "skb:kfree_skb.reason"
 # which before the consume_skb split also meant "freed, not dropped".
 NOT_SPECIFIED = "NOT_SPECIFIED"
 NO_SOCKET = "NO_SOCKET"
+# A dead socket's receive queue freed whole (6.12 and 6.18 name it): on a connection
+# the server closed first, the peer's FIN that the socket already acted on.
+# Only such segments without payload are hidden by default: nothing was lost.
+QUEUE_PURGE = "QUEUE_PURGE"
 SENTINEL = "MAX"  # the end of the kernel's table, never a reason
 
 OWNER_KNOWN, STATE_KNOWN = 1, 2  # shared with drops.bpf.c
@@ -169,8 +173,11 @@ def configure(values, symbols):
             raise BadOption("--reason", f"{unknown[0]} is not a drop reason of this kernel; valid: {valid}")
         defines["FILTER_REASONS"] = 1
         maps["filter_reasons"] = [(struct.pack("=I", table[n]), b"\x01") for n in wanted]
-    elif not values.get("all_reasons") and NOT_SPECIFIED in table:
-        defines["SKIP_REASONS_UPTO"] = table[NOT_SPECIFIED]
+    elif not values.get("all_reasons"):
+        if NOT_SPECIFIED in table:
+            defines["SKIP_REASONS_UPTO"] = table[NOT_SPECIFIED]
+        if QUEUE_PURGE in table:
+            defines["SKIP_EMPTY_PURGE"] = table[QUEUE_PURGE]
     if NO_SOCKET in table:
         defines["REASON_NO_SOCKET"] = table[NO_SOCKET]
     if values.get("by") == "lport":
@@ -191,8 +198,10 @@ SPEC = ToolSpec(
         "rx_sk, the sending one on the way out, else the listener on the local port), blank when "
         "unknown or when no socket wanted it; STATE is that socket's. The local port (-L, --by "
         "lport) is the destination port of a received segment and the source port of one this "
-        "host was sending. NOT_SPECIFIED and the values before it are not drops and are left "
-        "out unless --all-reasons. With -c, counts per reason (and local port with --by lport) "
+        "host was sending. NOT_SPECIFIED and the values before it are not drops, nor is a "
+        "QUEUE_PURGE of a segment without payload (the FIN of a connection the server closed "
+        "first, freed with its dead socket): both are left out unless --all-reasons or --reason "
+        "names them. With -c, counts per reason (and local port with --by lport) "
         "are kept in the kernel and printed at exit and every -i SECONDS."
     ),
     bpf="drops.bpf.c",
@@ -206,11 +215,13 @@ SPEC = ToolSpec(
     ),
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide", "count",
              "interval", "top"),
+    hidden=(("drops_hidden", "QUEUE_PURGE segments without payload left out: no data was lost "
+             "(--all-reasons shows them)"),),
     own_options=(
         Option("reasons", ("--reason",), "Only these drop reasons, as this kernel names them "
                "(checked in the kernel).", metavar="NAME[,NAME...]", multiple=True),
-        Option("all_reasons", ("--all-reasons",), "Also NOT_SPECIFIED and the values before it, which "
-               "are not drops.", flag=True, default=False),
+        Option("all_reasons", ("--all-reasons",), "Also NOT_SPECIFIED and the values before it, and "
+               "QUEUE_PURGE segments without payload, which are not drops.", flag=True, default=False),
         Option("by", ("--by",), "With -c: count per reason, or per reason and local port.",
                choices=("reason", "lport"), default="reason", goes_with="count"),
     ),
