@@ -5,6 +5,8 @@ own and not the test run's."""
 
 import json
 import os
+import signal
+import time
 
 import pytest
 
@@ -64,6 +66,33 @@ def test_raised_for_the_run_and_put_back(root):
     assert seen["end"] == [0, 0 if grouped else None]
     assert seen["said"] == [f"the reader{' (and its session)' if grouped else ''} runs at nice "
                             f"{priority.READER_NICE} while it reads events"]
+
+
+def test_a_killed_reader_leaves_its_session_as_it_found_it(root):
+    """The autogroup is the session's (the shell's, from a terminal): a
+    reader killed before it can put it back has a guard that does."""
+    if priority._autogroup_nice() is None:
+        pytest.skip("this kernel does not group tasks by session")
+
+    def work():
+        ready_r, ready_w = os.pipe()
+        reader = os.fork()
+        if reader == 0:  # the reader, in the same session
+            p = priority.Priority()
+            p.raise_()
+            os.write(ready_w, b"x")
+            time.sleep(60)
+            os._exit(0)
+        os.read(ready_r, 1)
+        raised = priority._autogroup_nice()
+        os.kill(reader, signal.SIGKILL)
+        os.waitpid(reader, 0)
+        deadline = time.monotonic() + 5
+        while priority._autogroup_nice() != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [raised, priority._autogroup_nice()]
+
+    assert in_child(work) == [priority.READER_NICE, 0]
 
 
 def test_a_nice_value_chosen_by_the_user_is_kept(root):

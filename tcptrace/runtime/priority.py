@@ -17,6 +17,9 @@ its speed without a tracer, the CPU the rows cost.
 
 A priority costs nothing while the reader has nothing to read: it only
 decides who waits when the CPUs are short, the load or the rows asked for.
+The autogroup is the session's, shared with the shell tcptrace was started
+from; a small shell process of the session puts its value back should
+tcptrace be killed before it can.
 A process started with a nice value of its own (`nice -n 5 tcptrace ...`)
 keeps it, and so does one whose autogroup was given one. Raising needs
 CAP_SYS_NICE (or an RLIMIT_NICE that allows it); without it the reader runs
@@ -47,12 +50,33 @@ def _set_autogroup(nice):
         f.write(str(nice))
 
 
+def _guard(nice):
+    """A shell in this session that puts the autogroup's nice value back
+    once this process is gone, however it ends (a SIGKILL included): it
+    waits on a pipe that only this process holds open, and ignores the
+    signals a terminal sends its whole process group. Returns (pid, the
+    pipe's write end)."""
+    read, write = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            "/bin/sh", ["sh", "-c", 'trap "" INT QUIT TERM HUP; read _; echo "$0" > /proc/self/autogroup', str(nice)],
+            os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, read, 0), (os.POSIX_SPAWN_CLOSE, write)],
+        )
+    except OSError:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    return pid, write
+
+
 class Priority:
     def __init__(self, say=None):
         self.say = say or (lambda text: None)
         self.raised = False
         self.base_nice = None
         self.base_group = None  # the autogroup's nice, when raised too
+        self.guard = None
 
     def raise_(self):
         """Raise the reader's priority, unless the user chose one."""
@@ -70,10 +94,11 @@ class Priority:
         group = _autogroup_nice()
         if group == 0:
             try:
+                self.guard = _guard(group)
                 _set_autogroup(READER_NICE)
                 self.base_group = group
             except OSError:
-                pass
+                self._end_guard()
         where = " (and its session)" if self.base_group is not None else ""
         self.say(f"the reader{where} runs at nice {READER_NICE} while it reads events")
         return True
@@ -90,3 +115,14 @@ class Priority:
             os.setpriority(os.PRIO_PROCESS, 0, self.base_nice)
         except OSError:
             pass
+        self._end_guard()
+
+    def _end_guard(self):
+        if self.guard is not None:
+            pid, write = self.guard
+            self.guard = None
+            os.close(write)  # it writes the same value again and exits
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
