@@ -8,11 +8,12 @@ layout of the running kernel. This is a small pure-Python reader of that
 format: it needs no libbpf, bpftool or headers.
 """
 
-import hashlib
 import json
 import os
 import stat
 import struct
+
+from .digest import sha256
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 MAGIC = 0xEB9F
@@ -167,7 +168,7 @@ def _cache_key(path):
     st = os.stat(path)
     uname = os.uname()
     raw = f"{uname.release}|{uname.version}|{st.st_size}|{st.st_mtime_ns}|{path}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return sha256(raw.encode()).hexdigest()[:16]
 
 
 # -- the cache: compiled programs (runtime/compiled.py) and BTF offsets ---------------
@@ -313,7 +314,7 @@ def kernel_offsets(struct_name, members, path=VMLINUX, cache=True):
     if not os.path.exists(path):
         return None
     key = f"{_cache_key(path)}-{struct_name}-{'-'.join(sorted(members))}"
-    cache_file = os.path.join(cache_dir(), f"btf-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")
+    cache_file = os.path.join(cache_dir(), f"btf-{sha256(key.encode()).hexdigest()[:24]}.json")
     if cache:
         try:
             data = read_cached(cache_file, "cached BTF offsets")

@@ -10,9 +10,7 @@ Only what tcptrace's programs use is supported: tracepoint programs; hash,
 LRU hash, array, their per-CPU kinds and the ring buffer.
 """
 
-import base64
 import binascii
-import hashlib
 import json
 import os
 import platform
@@ -22,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .. import btf
+from ..digest import sha256
 from ..errors import CacheError, Unsupported
 
 FORMAT = 1  # of Compiled's JSON; a change of shape must change it (it is in the cache key)
@@ -55,6 +54,19 @@ _INSN = struct.Struct("<BBhi")
 
 # -- what is kept --------------------------------------------------------------
 
+
+
+def _b64decode(text):
+    """base64, strictly: binascii's own (the base64 module takes longer to
+    import than decoding every program of a run)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{type(text).__name__}, not base64 text")
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except TypeError:  # strict_mode is Python 3.11+
+        import base64
+
+        return base64.b64decode(text, validate=True)
 
 @dataclass(frozen=True)
 class MapSpec:
@@ -102,7 +114,7 @@ class Compiled:
                     for m in self.maps
                 ],
                 "programs": [
-                    {"name": p.name, "insns": base64.b64encode(p.insns).decode(),
+                    {"name": p.name, "insns": binascii.b2a_base64(p.insns, newline=False).decode(),
                      "relocs": [[i, name] for i, name in p.relocs]}
                     for p in self.programs
                 ],
@@ -124,7 +136,7 @@ class Compiled:
                 for m in doc["maps"]
             ]
             programs = [
-                ProgSpec(str(p["name"]), base64.b64decode(p["insns"], validate=True),
+                ProgSpec(str(p["name"]), _b64decode(p["insns"]),
                          tuple((int(i), str(name)) for i, name in p["relocs"]))
                 for p in doc["programs"]
             ]
@@ -205,7 +217,7 @@ def cache_key(text, release, bcc_version, uname_version=None, machine=None):
         bcc_version,
         text,
     )
-    digest = hashlib.sha256()
+    digest = sha256()
     for part in parts:
         data = part.encode()
         digest.update(len(data).to_bytes(8, "little"))  # no two splits of one string collide
