@@ -208,7 +208,13 @@ def _privileges():
         runtime.check_privileges()
     except PrivilegeError as e:
         return Check("privileges", FAIL, str(e))
-    return Check("privileges", OK, "root" if os.geteuid() == 0 else "CAP_BPF and CAP_PERFMON")
+    from .runtime.priority import can_raise
+
+    who = "root" if os.geteuid() == 0 else "CAP_BPF and CAP_PERFMON"
+    if can_raise():
+        return Check("privileges", OK, f"{who}; readers get CPU time reserved (SCHED_DEADLINE)")
+    return Check("privileges", OK, f"{who}; no CAP_SYS_NICE: readers keep their priority, and a load that "
+                 "keeps every CPU busy can starve them into losing events")
 
 
 def _bcc():

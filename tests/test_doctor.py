@@ -328,7 +328,7 @@ def test_live_everything_available(bpf):
         "kernel": "ok", "privileges": "ok", "bcc": "ok", "tracefs": "ok", "btf": "ok", "build": "ok",
         "ring buffer": "ok"}
     assert checks["kernel"]["detail"].startswith(f"Linux {os.uname().release}")
-    assert checks["privileges"]["detail"] == "root"
+    assert checks["privileges"]["detail"] == "root; readers get CPU time reserved (SCHED_DEADLINE)"
     assert checks["bcc"]["detail"].startswith("bcc 0.")
     assert checks["build"]["detail"].startswith("header-free")
     for tp in report["tracepoints"]:

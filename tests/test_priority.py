@@ -36,8 +36,6 @@ def in_child(work):
     return result["ok"]
 
 
-def state():
-    return [os.getpriority(os.PRIO_PROCESS, 0), priority._autogroup_nice()]
 
 
 @pytest.fixture
@@ -46,7 +44,23 @@ def root():
         pytest.skip("raising a priority needs root (CAP_SYS_NICE)")
 
 
-def test_raised_for_the_run_and_put_back(root):
+def state():
+    return [os.getpriority(os.PRIO_PROCESS, 0), priority._autogroup_nice(), priority.policy()]
+
+
+def refuse_deadline():
+    """Make the kernel refuse SCHED_DEADLINE for real: it admits only a task
+    whose CPU affinity spans every CPU of its root domain."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+@pytest.fixture
+def two_cpus():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: an affinity cannot make the kernel refuse SCHED_DEADLINE")
+
+
+def test_cpu_time_reserved_for_the_run_and_given_back(root):
     def work():
         said = []
         p = priority.Priority(said.append)
@@ -59,16 +73,38 @@ def test_raised_for_the_run_and_put_back(root):
         return seen
 
     seen = in_child(work)
-    base, group = seen["start"]
+    base, group, policy = seen["start"]
+    assert [base, policy] == [0, os.SCHED_OTHER] and seen["raised"]
+    assert seen["reading"] == [0, group, priority.SCHED_DEADLINE]  # nice and autogroup untouched
+    assert seen["end"] == seen["start"]
+    assert seen["said"] == ["the reader has 9 ms of CPU in every 10 ms reserved (SCHED_DEADLINE) while it "
+                            "reads events"]
+
+
+def test_refused_a_reservation_the_reader_runs_at_nice_minus_10(root, two_cpus):
+    def work():
+        refuse_deadline()
+        said = []
+        p = priority.Priority(said.append)
+        seen = {"start": state(), "raised": p.raise_()}
+        seen["reading"] = state()
+        p.restore()
+        seen["end"] = state()
+        seen["said"] = said
+        return seen
+
+    seen = in_child(work)
+    base, group, policy = seen["start"]
     assert base == 0 and seen["raised"]
     grouped = group is not None  # the kernel groups tasks by session
-    assert seen["reading"] == [priority.READER_NICE, priority.READER_NICE if grouped else None]
-    assert seen["end"] == [0, 0 if grouped else None]
-    assert seen["said"] == [f"the reader{' (and its session)' if grouped else ''} runs at nice "
-                            f"{priority.READER_NICE} while it reads events"]
+    assert seen["reading"] == [priority.READER_NICE, priority.READER_NICE if grouped else None, os.SCHED_OTHER]
+    assert seen["end"] == seen["start"]
+    assert seen["said"][0].startswith("no CPU time reserved for the reader (")
+    assert seen["said"][1:] == [f"the reader{' (and its session)' if grouped else ''} runs at nice "
+                                f"{priority.READER_NICE} while it reads events"]
 
 
-def test_a_killed_reader_leaves_its_session_as_it_found_it(root):
+def test_a_killed_reader_leaves_its_session_as_it_found_it(root, two_cpus):
     """The autogroup is the session's (the shell's, from a terminal): a
     reader killed before it can put it back has a guard that does."""
     if priority._autogroup_nice() is None:
@@ -78,6 +114,7 @@ def test_a_killed_reader_leaves_its_session_as_it_found_it(root):
         ready_r, ready_w = os.pipe()
         reader = os.fork()
         if reader == 0:  # the reader, in the same session
+            refuse_deadline()
             p = priority.Priority()
             p.raise_()
             os.write(ready_w, b"x")
@@ -106,15 +143,31 @@ def test_a_nice_value_chosen_by_the_user_is_kept(root):
         return seen + [state(), said]
 
     raised, reading, end, said = in_child(work)
-    assert not raised and reading[0] == 5 and end[0] == 5 and reading[1] in (0, None)
-    assert said == ["the reader keeps the nice value it was started with (5)"]
+    assert not raised and reading == end == [5, reading[1], os.SCHED_OTHER] and reading[1] in (0, None)
+    assert said == ["the reader keeps the priority it was started with (SCHED_OTHER, nice 5)"]
 
 
-def test_a_session_given_a_nice_value_keeps_it(root):
+def test_a_scheduling_policy_chosen_by_the_user_is_kept(root):
+    def work():
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # as `chrt -b 0 tcptrace ...`
+        said = []
+        p = priority.Priority(said.append)
+        raised = p.raise_()
+        seen = [raised, state()]
+        p.restore()
+        return seen + [state(), said]
+
+    raised, reading, end, said = in_child(work)
+    assert not raised and reading == end and reading[2] == os.SCHED_BATCH
+    assert said == ["the reader keeps the priority it was started with (SCHED_BATCH, nice 0)"]
+
+
+def test_a_session_given_a_nice_value_keeps_it(root, two_cpus):
     if priority._autogroup_nice() is None:
         pytest.skip("this kernel does not group tasks by session")
 
     def work():
+        refuse_deadline()
         priority._set_autogroup(3)
         p = priority.Priority()
         p.raise_()
@@ -122,7 +175,7 @@ def test_a_session_given_a_nice_value_keeps_it(root):
         p.restore()
         return seen + state()
 
-    assert in_child(work) == [priority.READER_NICE, 3, 0, 3]
+    assert in_child(work) == [priority.READER_NICE, 3, os.SCHED_OTHER, 0, 3, os.SCHED_OTHER]
 
 
 def test_without_the_privilege_the_reader_says_so_and_goes_on(root):
@@ -137,7 +190,19 @@ def test_without_the_privilege_the_reader_says_so_and_goes_on(root):
 
     seen = in_child(work)
     assert not seen["raised"] and seen["nice"] == 0
-    assert len(seen["said"]) == 1 and "CAP_SYS_NICE" in seen["said"][0] and "events would be lost" in seen["said"][0]
+    first, second = seen["said"]
+    assert first.startswith("no CPU time reserved for the reader (Operation not permitted)")
+    assert "CAP_SYS_NICE" in second and "events would be lost" in second
+
+
+def test_who_may_raise_it(root):
+    def work():
+        seen = [priority.can_raise()]
+        os.setgid(65534)
+        os.setuid(65534)
+        return seen + [priority.can_raise()]
+
+    assert in_child(work) == [True, False]
 
 
 @pytest.mark.parametrize("cpus, mem_mib, mib", [

@@ -1,35 +1,60 @@
-"""The reader's CPU priority while it reads events.
+"""The reader's CPU time while it reads events.
 
 Measured on 2 CPUs, 8 client/server pairs of loopback connections at full
 speed (about 600,000 state changes in 2 s), the reader in a session of its
-own as from another terminal: it was runnable for 1.9 s of the 2.1 s and ran
-for 0.04-0.3 s of it. Its cost per row was not what limited it; its share of
-the CPUs was. A bigger buffer only postpones the loss and holds its memory
-for the whole run.
+own as from another terminal: it was runnable for 1.6-2.0 s of the 2.1 s and
+ran for 0.04-0.3 s of it. Its cost per row was not what limited it; its
+share of the CPUs was. A bigger buffer only postpones the loss and holds its
+memory for the whole run.
 
-Raised only once the buffer began to fill, the priority came too late: the
-buffer was often full before the starved reader ran at all, and it kept
-losing afterwards. Raised from the start (nice -10 for the process and for
-its session's autogroup, the unit the scheduler shares the CPUs between
-when it groups tasks by session), the reader kept up with an 8 MiB ring:
-it ran 0.8-0.9 s of the 2.1 s, waited 0.1-0.2 s, and the load ran at 0.75x
-its speed without a tracer, the CPU the rows cost.
+A nice value of -10 (for the process and its session's autogroup, the unit
+the scheduler shares the CPUs between when it groups tasks by session)
+helped most of the time and not always: at 2 pairs the reader still waited
+up to a second at a time in one load of three. SCHED_DEADLINE reserves it
+DL_RUNTIME_NS in every DL_PERIOD_NS: it waited about 10 ms in a 2 s load
+and kept up at every load the bench drives, while the load kept the rest of
+the machine. It is bounded both ways: the reader gets that time whenever it
+has rows to write, and never more than 90 % of one CPU, however far behind
+it is; with nothing to read it takes nothing.
 
-A priority costs nothing while the reader has nothing to read: it only
-decides who waits when the CPUs are short, the load or the rows asked for.
-The autogroup is the session's, shared with the shell tcptrace was started
-from; a small shell process of the session puts its value back should
-tcptrace be killed before it can.
-A process started with a nice value of its own (`nice -n 5 tcptrace ...`)
-keeps it, and so does one whose autogroup was given one. Raising needs
-CAP_SYS_NICE (or an RLIMIT_NICE that allows it); without it the reader runs
-as it is and --verbose says so.
+Where the kernel refuses it (no CAP_SYS_NICE; EBUSY when the CPUs' deadline
+bandwidth is already reserved, e.g. by other tracers; a CPU affinity that
+does not span the machine) the reader runs at nice -10 instead, and its
+session's autogroup too, put back at exit; the autogroup is the session's,
+shared with the shell tcptrace was started from, so a small shell process of
+the session puts its value back should tcptrace be killed before it can. A
+process started with a priority of its own (`nice -n 5 tcptrace ...`, `chrt
+...`) keeps it, and so does a session whose autogroup was given one.
+Without CAP_SYS_NICE nothing changes, and --verbose says so.
 """
 
+import ctypes
 import os
+import resource
+
+from .preflight import capabilities
 
 READER_NICE = -10
 AUTOGROUP = "/proc/self/autogroup"
+CAP_SYS_NICE = 23
+
+# SCHED_DEADLINE: DL_RUNTIME_NS of CPU in every DL_PERIOD_NS, guaranteed and
+# never more: at most 90 % of one CPU, whatever the load.
+SCHED_DEADLINE = 6
+SCHED_FLAG_RESET_ON_FORK = 0x01  # a child starts as an ordinary task
+SCHED_RESET_ON_FORK = 0x40000000  # how sched_getscheduler() reports it
+DL_RUNTIME_NS, DL_PERIOD_NS = 9_000_000, 10_000_000
+POLICIES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 5: "SCHED_IDLE", 6: "SCHED_DEADLINE"}
+SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "ppc64le": 355, "s390x": 345, "riscv64": 274}
+
+
+def can_raise():
+    """Whether this process may raise its priority to READER_NICE:
+    CAP_SYS_NICE, or an RLIMIT_NICE that allows it (20 - nice)."""
+    if capabilities() & (1 << CAP_SYS_NICE):
+        return True
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return soft == resource.RLIM_INFINITY or soft >= 20 - READER_NICE
 
 
 def _autogroup_nice():
@@ -70,6 +95,33 @@ def _guard(nice):
     return pid, write
 
 
+class _SchedAttr(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32), ("sched_flags", ctypes.c_uint64),
+                ("sched_nice", ctypes.c_int32), ("sched_priority", ctypes.c_uint32),
+                ("sched_runtime", ctypes.c_uint64), ("sched_deadline", ctypes.c_uint64),
+                ("sched_period", ctypes.c_uint64)]
+
+
+def _set_deadline():
+    """This thread under SCHED_DEADLINE; OSError when the kernel refuses
+    (no CAP_SYS_NICE, EBUSY when the CPUs' deadline bandwidth is taken)."""
+    nr = SCHED_SETATTR.get(os.uname().machine)
+    if nr is None:
+        raise OSError(38, "sched_setattr: unknown on this machine")
+    attr = _SchedAttr(ctypes.sizeof(_SchedAttr), SCHED_DEADLINE, SCHED_FLAG_RESET_ON_FORK, 0, 0,
+                      DL_RUNTIME_NS, DL_PERIOD_NS, DL_PERIOD_NS)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(ctypes.c_long(nr), ctypes.c_long(0), ctypes.byref(attr), ctypes.c_long(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def policy():
+    """The calling thread's scheduling policy (os.SCHED_OTHER, ...; 6 is
+    SCHED_DEADLINE), without the reset-on-fork flag."""
+    return os.sched_getscheduler(0) & ~SCHED_RESET_ON_FORK
+
+
 class Priority:
     def __init__(self, say=None):
         self.say = say or (lambda text: None)
@@ -77,13 +129,24 @@ class Priority:
         self.base_nice = None
         self.base_group = None  # the autogroup's nice, when raised too
         self.guard = None
+        self.deadline = False  # under SCHED_DEADLINE rather than a nice value
 
     def raise_(self):
         """Raise the reader's priority, unless the user chose one."""
         base = os.getpriority(os.PRIO_PROCESS, 0)
-        if base != 0:
-            self.say(f"the reader keeps the nice value it was started with ({base})")
+        if base != 0 or policy() != os.SCHED_OTHER:
+            name = POLICIES.get(policy(), f"scheduling policy {policy()}")
+            self.say(f"the reader keeps the priority it was started with ({name}, nice {base})")
             return False
+        try:
+            _set_deadline()
+        except OSError as e:
+            self.say(f"no CPU time reserved for the reader ({e.strerror or e}): nice {READER_NICE} instead")
+        else:
+            self.base_nice, self.raised, self.deadline = base, True, True
+            self.say(f"the reader has {DL_RUNTIME_NS / 1e6:g} ms of CPU in every {DL_PERIOD_NS / 1e6:g} ms "
+                     "reserved (SCHED_DEADLINE) while it reads events")
+            return True
         try:
             os.setpriority(os.PRIO_PROCESS, 0, READER_NICE)
         except OSError as e:
@@ -110,6 +173,9 @@ class Priority:
             return
         self.raised = False
         try:
+            if self.deadline:
+                self.deadline = False
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             if self.base_group is not None:
                 _set_autogroup(self.base_group)
             os.setpriority(os.PRIO_PROCESS, 0, self.base_nice)
