@@ -132,34 +132,23 @@ def test_a_killed_reader_leaves_its_session_as_it_found_it(root, two_cpus):
     assert in_child(work) == [priority.READER_NICE, 0]
 
 
-def test_a_nice_value_chosen_by_the_user_is_kept(root):
+@pytest.mark.parametrize("chosen, said", [
+    (lambda: os.setpriority(os.PRIO_PROCESS, 0, 5), "SCHED_OTHER, nice 5"),  # `nice -n 5 tcptrace ...`
+    (lambda: os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0)), "SCHED_BATCH, nice 0"),  # `chrt -b 0`
+])
+def test_a_priority_chosen_by_the_user_is_kept(root, chosen, said):
     def work():
-        os.setpriority(os.PRIO_PROCESS, 0, 5)  # as `nice -n 5 tcptrace ...`
-        said = []
-        p = priority.Priority(said.append)
+        chosen()
+        told = []
+        p = priority.Priority(told.append)
         raised = p.raise_()
         seen = [raised, state()]
         p.restore()
-        return seen + [state(), said]
+        return seen + [state(), told]
 
-    raised, reading, end, said = in_child(work)
-    assert not raised and reading == end == [5, reading[1], os.SCHED_OTHER] and reading[1] in (0, None)
-    assert said == ["the reader keeps the priority it was started with (SCHED_OTHER, nice 5)"]
-
-
-def test_a_scheduling_policy_chosen_by_the_user_is_kept(root):
-    def work():
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # as `chrt -b 0 tcptrace ...`
-        said = []
-        p = priority.Priority(said.append)
-        raised = p.raise_()
-        seen = [raised, state()]
-        p.restore()
-        return seen + [state(), said]
-
-    raised, reading, end, said = in_child(work)
-    assert not raised and reading == end and reading[2] == os.SCHED_BATCH
-    assert said == ["the reader keeps the priority it was started with (SCHED_BATCH, nice 0)"]
+    raised, reading, end, told = in_child(work)
+    assert not raised and reading == end
+    assert told == [f"the reader keeps the priority it was started with ({said})"]
 
 
 def test_a_session_given_a_nice_value_keeps_it(root, two_cpus):
