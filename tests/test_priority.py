@@ -60,19 +60,26 @@ def two_cpus():
         pytest.skip("one CPU: an affinity cannot make the kernel refuse SCHED_DEADLINE")
 
 
-def test_cpu_time_reserved_for_the_run_and_given_back(root):
+def raise_and_restore(prepare=lambda: None):
+    """In a child: the priority before, while raised and after restore(),
+    restore() twice (harmless), and what the reader said."""
     def work():
+        prepare()
         said = []
         p = priority.Priority(said.append)
         seen = {"start": state(), "raised": p.raise_()}
         seen["reading"] = state()
         p.restore()
         seen["end"] = state()
-        p.restore()  # twice is harmless
+        p.restore()
         seen["said"] = said
         return seen
 
-    seen = in_child(work)
+    return in_child(work)
+
+
+def test_cpu_time_reserved_for_the_run_and_given_back(root):
+    seen = raise_and_restore()
     base, group, policy = seen["start"]
     assert [base, policy] == [0, os.SCHED_OTHER] and seen["raised"]
     assert seen["reading"] == [0, group, priority.SCHED_DEADLINE]  # nice and autogroup untouched
@@ -82,18 +89,7 @@ def test_cpu_time_reserved_for_the_run_and_given_back(root):
 
 
 def test_refused_a_reservation_the_reader_runs_at_nice_minus_10(root, two_cpus):
-    def work():
-        refuse_deadline()
-        said = []
-        p = priority.Priority(said.append)
-        seen = {"start": state(), "raised": p.raise_()}
-        seen["reading"] = state()
-        p.restore()
-        seen["end"] = state()
-        seen["said"] = said
-        return seen
-
-    seen = in_child(work)
+    seen = raise_and_restore(refuse_deadline)
     base, group, policy = seen["start"]
     assert base == 0 and seen["raised"]
     grouped = group is not None  # the kernel groups tasks by session

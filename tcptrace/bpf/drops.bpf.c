@@ -26,8 +26,8 @@
  * LPORT for -L and the counts is the local end of that direction.
  *
  * The owner is the socket's, not the task on the CPU: most drops happen in
- * softirq context. Only connect() and listen() are recorded (see
- * on_inet_sock_set_state); any other socket, an accepted one included, or
+ * softirq context. Only connect() and listen() are recorded
+ * (TCPTRACE_OWNERS_AT_OPEN, owners.bpf.h); any other socket, an accepted one included, or
  * no socket at all, falls back to the owner of the listener on the local
  * port, except for NO_SOCKET (no socket wanted the segment).
  *
@@ -45,6 +45,7 @@
  * (NOT_DROPPED_YET, CONSUMED), which are not drops.
  */
 #define TCPTRACE_OWNERS 1
+#define TCPTRACE_OWNERS_AT_OPEN 1 /* owners.bpf.h */
 #include "tcptrace.h"
 #include "workload.bpf.h"
 
@@ -266,15 +267,6 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 }
 
 #ifdef HAVE_INET_SOCK_SET_STATE
-/*
- * Lighter than owners.bpf.h's track_owner(), which writes on four kinds of
- * transition and copies the listener's owner into every accepted child:
- * drops needs an owner only for the rare socket a dropped segment belongs
- * to, and finds an accepted child's owner at drop time, by the listener on
- * its local port. So only connect() (SYN_SENT) and listen() (LISTEN) are
- * recorded, and the one delete at CLOSE keeps a recycled socket address
- * from inheriting a stale owner.
- */
 int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
 	if (!is_tcp(args->protocol))
@@ -282,20 +274,13 @@ int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 
 	u64 skaddr = args->skaddr;
 	s32 oldstate = args->oldstate, newstate = args->newstate;
-	u16 lport = args->sport;
 
-	if (newstate == TCP_CLOSE) {
+	/* connect() and listen() only (TCPTRACE_OWNERS_AT_OPEN); the delete at
+	 * CLOSE keeps a recycled socket address from inheriting a stale owner. */
+	track_owner(skaddr, oldstate, newstate, args->sport);
+	workload_track(skaddr, oldstate, newstate, args->sport);
+	if (newstate == TCP_CLOSE)
 		forget_owner(skaddr);
-		if (oldstate == TCP_LISTEN)
-			listen_owners.delete(&lport);
-	} else if (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN) {
-		struct owner o = {};
-
-		set_owner_current(skaddr, &o);
-		if (newstate == TCP_LISTEN)
-			listen_owners.update(&lport, &o);
-	}
-	workload_track(skaddr, oldstate, newstate, lport);
 	return 0;
 }
 #endif

@@ -11,6 +11,12 @@
  * looked up by local port. A later process-context transition wins: the
  * process that closes a socket holds it, even if another created it.
  *
+ * With TCPTRACE_OWNERS_AT_OPEN only connect() and listen() are recorded:
+ * for a tool that needs the owner of the rare socket an event names (drops),
+ * which finds an accepted child's by the listener on its local port when
+ * the event comes; three map operations per connection instead of about
+ * seven.
+ *
  * The -p filter (FILTER_PIDS) never matches an unknown owner: owner_ok().
  */
 #ifdef TCPTRACE_OWNERS
@@ -34,18 +40,25 @@ static __always_inline void set_owner_current(u64 skaddr, struct owner *o)
 		stat_inc(STAT_UNTRACKED);
 }
 
+#ifdef TCPTRACE_OWNERS_AT_OPEN
+#define OWNERS_ALL_CHANGES 0
+#else
+#define OWNERS_ALL_CHANGES 1
+#endif
+
 /* Call for every TCP state change, before reading the owner, and call
  * forget_owner() once a change to CLOSE has been handled. */
 static __always_inline void track_owner(u64 skaddr, s32 oldstate, s32 newstate, u16 lport)
 {
 	struct owner o = {};
 
-	if (newstate == TCP_SYN_SENT || newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) {
+	if (newstate == TCP_SYN_SENT ||
+	    (OWNERS_ALL_CHANGES && (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK))) {
 		set_owner_current(skaddr, &o);
 	} else if (newstate == TCP_LISTEN) {
 		set_owner_current(skaddr, &o);
 		listen_owners.update(&lport, &o);
-	} else if (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV) {
+	} else if (OWNERS_ALL_CHANGES && oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV) {
 		struct owner *parent = listen_owners.lookup(&lport);
 		if (parent && owners.update(&skaddr, parent) != 0)
 			stat_inc(STAT_UNTRACKED);

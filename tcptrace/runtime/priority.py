@@ -133,9 +133,9 @@ class Priority:
 
     def raise_(self):
         """Raise the reader's priority, unless the user chose one."""
-        base = os.getpriority(os.PRIO_PROCESS, 0)
-        if base != 0 or policy() != os.SCHED_OTHER:
-            name = POLICIES.get(policy(), f"scheduling policy {policy()}")
+        base, started = os.getpriority(os.PRIO_PROCESS, 0), policy()
+        if base != 0 or started != os.SCHED_OTHER:
+            name = POLICIES.get(started, f"scheduling policy {started}")
             self.say(f"the reader keeps the priority it was started with ({name}, nice {base})")
             return False
         try:

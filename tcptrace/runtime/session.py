@@ -51,7 +51,7 @@ class Session:
         self.losses = Losses()
         self.flushed_rows = 0  # rows written and flushed
         self.priority = Priority(self.verbose)
-        self.max_fill = 0.0  # of the buffer, at the reads
+        self.max_fill = None  # of the buffer, at the reads; None when it cannot tell
         counter = spec.counter
         # Histograms instead of rows, when the tool's options ask for them.
         self.histogram = counter.histogram if counter and counter.histogram and \
@@ -349,7 +349,7 @@ class Session:
         deadline = time.monotonic() + self.opts.duration if self.opts.duration else None
         next_stats = time.monotonic() + STATS_EVERY_S
         writer, stream, poll = self.writer, self.stream, self.poll
-        fill, max_fill = self.program.fill, 0.0
+        fill = self.program.fill
         self.priority.raise_()
         ended_ns = None  # when the loop ended, if no signal ended it
         with Stopper() as stopper:
@@ -367,8 +367,8 @@ class Session:
                         writer.flush()
                     self.flushed_rows = stream.rows
                     filled = fill()
-                    if filled is not None and filled > max_fill:
-                        max_fill = self.max_fill = filled
+                    if filled is not None and (self.max_fill is None or filled > self.max_fill):
+                        self.max_fill = filled
                     now = time.monotonic()
                     if now >= next_stats:
                         self.read_stats()
@@ -422,7 +422,7 @@ class Session:
             with stopper.output():  # stderr can be a pipe nobody reads, too
                 if buffer_losses:
                     self.losses.report_new(self.say)
-                    if self.program is not None and self.program.fill() is not None:
+                    if self.max_fill is not None:
                         self.verbose(f"the buffer was at most {self.max_fill:.0%} full when read "
                                      "(--buffer-pages sizes it)")
                 self.losses.report_final(self.say, self.stream)
