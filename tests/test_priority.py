@@ -54,6 +54,33 @@ def refuse_deadline():
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+AUTOGROUP_SYSCTL = "/proc/sys/kernel/sched_autogroup_enabled"
+
+
+@pytest.fixture
+def grouped(root):
+    """Whether the kernel groups tasks by session for this test. Where it
+    can but is set not to (kernel.sched_autogroup_enabled = 0, as on some
+    machines), grouping is turned on for the test and back off after, so
+    the session's part is tested there too; False only where the kernel
+    cannot (no such sysctl) or refuses the change."""
+    try:
+        with open(AUTOGROUP_SYSCTL) as f:
+            before = f.read().strip()
+        if before != "1":
+            with open(AUTOGROUP_SYSCTL, "w") as f:
+                f.write("1")
+    except OSError:
+        yield False
+        return
+    try:
+        yield priority._autogroup_nice() is not None
+    finally:
+        if before != "1":
+            with open(AUTOGROUP_SYSCTL, "w") as f:
+                f.write(before)
+
+
 @pytest.fixture
 def two_cpus():
     if len(os.sched_getaffinity(0)) < 2:
@@ -100,12 +127,11 @@ def test_refused_a_reservation_the_reader_runs_at_nice_minus_10(root, two_cpus):
                                 f"{priority.READER_NICE} while it reads events"]
 
 
-def test_a_killed_reader_leaves_its_session_as_it_found_it(root, two_cpus):
+def test_a_killed_reader_leaves_its_session_as_it_found_it(grouped, two_cpus):
     """The autogroup is the session's (the shell's, from a terminal): a
-    reader killed before it can put it back has a guard that does."""
-    if priority._autogroup_nice() is None:
-        pytest.skip("this kernel does not group tasks by session")
-
+    reader killed before it can put it back has a guard that does. Where
+    the kernel does not group tasks, the reader leaves the session alone
+    and starts no guard."""
     def work():
         ready_r, ready_w = os.pipe()
         reader = os.fork()
@@ -113,19 +139,22 @@ def test_a_killed_reader_leaves_its_session_as_it_found_it(root, two_cpus):
             refuse_deadline()
             p = priority.Priority()
             p.raise_()
-            os.write(ready_w, b"x")
+            os.write(ready_w, str(p.guard is not None).encode())
             time.sleep(60)
             os._exit(0)
-        os.read(ready_r, 1)
+        guard = os.read(ready_r, 5) == b"True"
         raised = priority._autogroup_nice()
         os.kill(reader, signal.SIGKILL)
         os.waitpid(reader, 0)
         deadline = time.monotonic() + 5
-        while priority._autogroup_nice() != 0 and time.monotonic() < deadline:
+        while priority._autogroup_nice() not in (0, None) and time.monotonic() < deadline:
             time.sleep(0.01)
-        return [raised, priority._autogroup_nice()]
+        return [guard, raised, priority._autogroup_nice()]
 
-    assert in_child(work) == [priority.READER_NICE, 0]
+    if grouped:
+        assert in_child(work) == [True, priority.READER_NICE, 0]
+    else:
+        assert in_child(work) == [False, None, None]
 
 
 @pytest.mark.parametrize("chosen, said", [
@@ -147,20 +176,37 @@ def test_a_priority_chosen_by_the_user_is_kept(root, chosen, said):
     assert told == [f"the reader keeps the priority it was started with ({said})"]
 
 
-def test_a_session_given_a_nice_value_keeps_it(root, two_cpus):
-    if priority._autogroup_nice() is None:
-        pytest.skip("this kernel does not group tasks by session")
+def group_file():
+    """The autogroup file's nice value, whether or not the kernel uses it."""
+    try:
+        with open(priority.AUTOGROUP) as f:
+            return int(f.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
 
+
+GROUP_FILE_3 = 3 if os.path.exists(priority.AUTOGROUP) else None
+
+
+def test_a_session_given_a_nice_value_keeps_it(grouped, two_cpus):
+    """A session the user reniced (`renice` of its autogroup) keeps its
+    value; so does the autogroup file where the kernel does not group
+    tasks (the value is there but does nothing)."""
     def work():
         refuse_deadline()
-        priority._set_autogroup(3)
+        try:
+            priority._set_autogroup(3)
+        except FileNotFoundError:  # a kernel built without autogroups
+            pass
         p = priority.Priority()
         p.raise_()
-        seen = state()
+        seen = state() + [group_file()]
         p.restore()
-        return seen + state()
+        return seen + state() + [group_file()]
 
-    assert in_child(work) == [priority.READER_NICE, 3, os.SCHED_OTHER, 0, 3, os.SCHED_OTHER]
+    grouping = 3 if grouped else None
+    assert in_child(work) == [priority.READER_NICE, grouping, os.SCHED_OTHER, GROUP_FILE_3,
+                              0, grouping, os.SCHED_OTHER, GROUP_FILE_3]
 
 
 def test_without_the_privilege_the_reader_says_so_and_goes_on(root):
