@@ -46,6 +46,10 @@ HDR_SZ = 8
 # otherwise go on as long as the producer keeps up, and every record read
 # waits, as Python objects, for the next drain.
 BATCH = 4096
+# Records already read when a wait begins are written after at most this
+# long (ms), not after a whole poll timeout: the reader would otherwise hold
+# them until the next wakeup, which comes one event in 256 per CPU.
+HOLD_MS = 10
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -99,8 +103,9 @@ class RingReader:
     def poll(self, timeout_ms, add, add_values=None):
         """Hand the ready records to add(bytes) (or, with an event struct,
         lists of their unpacked fields to add_values()), then, unless a full batch was read, wait up to
-        timeout_ms (forever if negative) for the kernel's next wakeup and
-        hand over what came meanwhile. Returns how many were handed over.
+        timeout_ms (forever if negative; HOLD_MS at most when records were
+        read) for the kernel's next wakeup and hand over what came
+        meanwhile. Returns how many were handed over.
 
         The wait is edge-triggered: it ends on a wakeup, not whenever a
         record is ready. The programs wake the reader for one event in 256
@@ -110,6 +115,8 @@ class RingReader:
         got = self.consume(add, add_values)
         if got >= BATCH:
             return got
+        if got:  # rows already read wait a little for company, not a whole timeout
+            timeout_ms = HOLD_MS if timeout_ms < 0 else min(timeout_ms, HOLD_MS)
         if self.epoll is None:
             self.epoll = select.epoll()
             self.epoll.register(self.fd, select.EPOLLIN | select.EPOLLET)
