@@ -295,6 +295,7 @@ def test_help_shows_the_examples():
 VARIANTS = {
     "default": {"extra": {"SKIP_REASONS_UPTO": 2, "REASON_NO_SOCKET": 3, "SKIP_EMPTY_PURGE": 104}},
     "count-purge": {"count": True, "extra": {"SKIP_EMPTY_PURGE": 104}, "family": 2},
+    "pid-purge": {"extra": {"SKIP_EMPTY_PURGE": 104}, "pids": (1,)},  # hidden after the -p filter
     "reasons": {"extra": {"FILTER_REASONS": 1}, "pids": (1,), "lports": (80,), "family": 10},
     "count-lport": {"count": True, "extra": {"COUNT_BY_LPORT": 1, "FILTER_REASONS": 1}, "rports": (80,)},
     "perf": {"buffer": "perf"},
