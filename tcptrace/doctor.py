@@ -208,11 +208,14 @@ def _privileges():
         runtime.check_privileges()
     except PrivilegeError as e:
         return Check("privileges", FAIL, str(e))
-    from .runtime.priority import can_raise
+    from .runtime.priority import READER_NICE, can_raise, can_reserve
 
     who = "root" if os.geteuid() == 0 else "CAP_BPF and CAP_PERFMON"
-    if can_raise():
+    if can_reserve():
         return Check("privileges", OK, f"{who}; readers get CPU time reserved (SCHED_DEADLINE)")
+    if can_raise():  # RLIMIT_NICE: a nice value, no reservation
+        return Check("privileges", OK, f"{who}; readers run at nice {READER_NICE} (RLIMIT_NICE; "
+                     "CAP_SYS_NICE would reserve them CPU time)")
     return Check("privileges", OK, f"{who}; no CAP_SYS_NICE: readers keep their priority, and a load that "
                  "keeps every CPU busy can starve them into losing events")
 

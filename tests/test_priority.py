@@ -176,15 +176,6 @@ def test_a_priority_chosen_by_the_user_is_kept(root, chosen, said):
     assert told == [f"the reader keeps the priority it was started with ({said})"]
 
 
-def group_file():
-    """The autogroup file's nice value, whether or not the kernel uses it."""
-    try:
-        with open(priority.AUTOGROUP) as f:
-            return int(f.read().split()[-1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 GROUP_FILE_3 = 3 if os.path.exists(priority.AUTOGROUP) else None
 
 
@@ -200,9 +191,9 @@ def test_a_session_given_a_nice_value_keeps_it(grouped, two_cpus):
             pass
         p = priority.Priority()
         p.raise_()
-        seen = state() + [group_file()]
+        seen = state() + [priority._read_autogroup()]
         p.restore()
-        return seen + state() + [group_file()]
+        return seen + state() + [priority._read_autogroup()]
 
     grouping = 3 if grouped else None
     assert in_child(work) == [priority.READER_NICE, grouping, os.SCHED_OTHER, GROUP_FILE_3,

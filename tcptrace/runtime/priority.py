@@ -48,13 +48,29 @@ POLICIES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 
 SCHED_SETATTR = {"x86_64": 314, "aarch64": 274, "ppc64le": 355, "s390x": 345, "riscv64": 274}
 
 
+def can_reserve():
+    """Whether the kernel would grant the reader SCHED_DEADLINE: it asks
+    for CAP_SYS_NICE (an RLIMIT_NICE does not do)."""
+    return bool(capabilities() & (1 << CAP_SYS_NICE))
+
+
 def can_raise():
     """Whether this process may raise its priority to READER_NICE:
     CAP_SYS_NICE, or an RLIMIT_NICE that allows it (20 - nice)."""
-    if capabilities() & (1 << CAP_SYS_NICE):
+    if can_reserve():
         return True
     soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
     return soft == resource.RLIM_INFINITY or soft >= 20 - READER_NICE
+
+
+def _read_autogroup():
+    """The nice value in this process's autogroup file, whether or not the
+    kernel uses it; None without the file."""
+    try:
+        with open(AUTOGROUP) as f:
+            return int(f.read().split()[-1])  # "/autogroup-123 nice 0"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _autogroup_nice():
@@ -64,10 +80,9 @@ def _autogroup_nice():
         with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
             if f.read().strip() != "1":
                 return None
-        with open(AUTOGROUP) as f:
-            return int(f.read().split()[-1])  # "/autogroup-123 nice 0"
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return None
+    return _read_autogroup()
 
 
 def _set_autogroup(nice):
