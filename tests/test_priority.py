@@ -63,7 +63,10 @@ def grouped(root):
     can but is set not to (kernel.sched_autogroup_enabled = 0, as on some
     machines), grouping is turned on for the test and back off after, so
     the session's part is tested there too; False only where the kernel
-    cannot (no such sysctl) or refuses the change."""
+    cannot (no such sysctl) or refuses the change. Asked of a new session,
+    as the tests' own work runs: the test run's session may be the kernel's
+    first (a process never moved to a session of its own, as under some CI
+    runners), which has no autogroup of its own to show."""
     try:
         with open(AUTOGROUP_SYSCTL) as f:
             before = f.read().strip()
@@ -74,7 +77,7 @@ def grouped(root):
         yield False
         return
     try:
-        yield priority._autogroup_nice() is not None
+        yield in_child(priority._autogroup_nice) is not None
     finally:
         if before != "1":
             with open(AUTOGROUP_SYSCTL, "w") as f:

@@ -65,7 +65,9 @@ def can_raise():
 
 def _read_autogroup():
     """The nice value in this process's autogroup file, whether or not the
-    kernel uses it; None without the file."""
+    kernel uses it; None without the file, and for a process still in the
+    kernel's first session (one never moved to a session of its own: its
+    file is empty, it has no autogroup to renice)."""
     try:
         with open(AUTOGROUP) as f:
             return int(f.read().split()[-1])  # "/autogroup-123 nice 0"
