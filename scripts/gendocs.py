@@ -257,7 +257,10 @@ def btf_table(kernels, all_specs):
     lines = ["", "### Struct members read, from each kernel's BTF", "",
              "Byte offset (size) in the BTF of each kernel whose formats were read from it running; `-` where "
              "that kernel has no such member: a program then reads the other member named beside it, or "
-             "leaves its column blank.", "",
+             "leaves its column blank. A `btf_trace_<event>` row is an argument of that tracepoint as a raw "
+             "tracepoint program gets it (its offset in the program's context, 8 bytes each in the order of "
+             "the tracepoint's prototype), found where the kernel's prototype has the types the program "
+             "expects; without it the program reads the tracepoint's record instead.", "",
              "| member | read by | " + " | ".join(d.name for d, _ in real) + " |",
              "|---|---|" + "---|" * len(real)]
     for key in sorted(wanted):

@@ -150,15 +150,81 @@ class BTF:
         return None
 
 
+    def params(self, type_id):
+        """The parameter type ids of a function prototype, through typedefs
+        and a pointer (a tracepoint's btf_trace_<event> typedef is a pointer
+        to one); None for anything else."""
+        type_id = self.resolve(type_id)
+        if self._header(type_id)[1] == KIND_PTR:
+            type_id = self.resolve(self._header(type_id)[4])
+        _n, kind, vlen, _kf, _ret = self._header(type_id)
+        if kind != KIND_FUNC_PROTO:
+            return None
+        pos = self.records[type_id] + 12
+        return [struct.unpack_from("<II", self.data, pos + 8 * i)[1] for i in range(vlen)]
+
+    def is_pointer_to(self, type_id, struct_name):
+        type_id = self.resolve(type_id)
+        if self._header(type_id)[1] != KIND_PTR:
+            return False
+        name_off, kind, _v, _kf, _size = self._header(self.resolve(self._header(type_id)[4]))
+        return kind == KIND_STRUCT and name_off != 0 and self.string(name_off) == struct_name
+
+    def is_integer(self, type_id, size):
+        """An int or enum of this many bytes (a tracepoint's state or reason)."""
+        type_id = self.resolve(type_id)
+        _n, kind, _v, _kf, size_or_type = self._header(type_id)
+        return kind in (KIND_INT, KIND_ENUM, KIND_ENUM64) and size_or_type == size
+
+
+# A tracepoint's arguments as a raw tracepoint program gets them: one u64
+# each in its context, in the order of the tracepoint's prototype. A tool
+# asks for them as the members of "btf_trace_<event>" (the kernel's typedef
+# of the prototype); these are the prototypes tcptrace takes raw, each
+# argument's name and type: "struct NAME" a pointer to it, "intN" an N-bit
+# int or enum. BTF keeps the types, not the names: the kernel's prototype
+# must start with exactly these types, or no argument is taken.
+TRACE_PREFIX = "btf_trace_"
+PROTOTYPES = {
+    "btf_trace_inet_sock_set_state": (("sk", "struct sock"), ("oldstate", "int32"), ("newstate", "int32")),
+}
+
+
+def tracepoint_args(btf, typedef_name, members):
+    """{name: (offset in the raw tracepoint's context, 8)} for the asked
+    arguments of a tracepoint in PROTOTYPES, where the kernel's prototype
+    matches; {} otherwise."""
+    proto = PROTOTYPES[typedef_name]
+    ids = btf.find(typedef_name, KIND_TYPEDEF)
+    params = btf.params(ids[0]) if ids else None
+    if not params or len(params) < len(proto) + 1:  # the first is the tracepoint's own data
+        return {}
+    for (name, ctype), param in zip(proto, params[1:]):
+        if ctype.startswith("struct "):
+            ok = btf.is_pointer_to(param, ctype[len("struct "):])
+        else:
+            ok = btf.is_integer(param, int(ctype[len("int"):]) // 8)
+        if not ok:
+            return {}
+    return {name: (index * 8, 8) for index, (name, _ctype) in enumerate(proto) if name in members}
+
+
 def struct_offsets(btf, struct_name, members):
     """{member: (offset, size)} for the members the struct has; a member the
-    kernel lacks is left out, so callers can say which column is unavailable."""
+    kernel lacks, or has as a bitfield, is left out, so callers can say which
+    column is unavailable. A "btf_trace_<event>" name asks for a
+    tracepoint's arguments instead (tracepoint_args)."""
+    if struct_name.startswith(TRACE_PREFIX):
+        return tracepoint_args(btf, struct_name, members)
     ids = [i for i in btf.find(struct_name, KIND_STRUCT) if btf.members(i)]
     if not ids:
         return {}
     found = {}
     for member in members:
-        where = btf.member_offset(ids[0], member)
+        try:
+            where = btf.member_offset(ids[0], member)
+        except BTFError:  # a bitfield: no byte offset to read it at
+            continue
         if where:
             found[member] = where
     return found

@@ -74,6 +74,13 @@ class Tracepoint:
     # and `why` is said on stderr then: what the tool shows instead.
     instead_of: tuple = ()
     why: str = ""
+    # The BTF entries ("struct.member", as in the tool's btf) that let the
+    # tool's program take this tracepoint raw: the arguments the kernel
+    # passes (BPF_PROG_TYPE_RAW_TRACEPOINT), no record written first, which
+    # for a frequent event is most of its cost. On a kernel whose BTF has
+    # them the plan defines RAW_<EVENT> and on_<event> is built to take them;
+    # otherwise it reads the record, as without this.
+    raw: tuple = ()
 
     def __post_init__(self):
         if not self.since:
@@ -246,6 +253,14 @@ STATE_CHANGES = Tracepoint(
     since="4.16",
 )
 
+# The same tracepoint taken raw (Tracepoint.raw): the arguments of its
+# prototype, TP_PROTO(const struct sock *sk, const int oldstate, const int
+# newstate) (btf.PROTOTYPES), and what a program then reads of the socket
+# itself; a tool adds RAW_STATE_CHANGE_BTF to its btf.
+RAW_STATE_CHANGE_BTF = {"btf_trace_inet_sock_set_state": ("sk", "oldstate", "newstate"),
+                        "sock": ("sk_protocol",), "sock_common": ("skc_num",)}
+RAW_STATE_CHANGE = tuple(f"{s}.{m}" for s, members in RAW_STATE_CHANGE_BTF.items() for m in members)
+
 
 # The endpoint columns most tools show, with bcc's widths: 15 characters, 39
 # under -w for IPv6, where the IP column appears too.
@@ -275,14 +290,16 @@ WORKLOAD_COLUMNS = (
 )
 
 
-def with_workload_btf(wanted):
-    """A tool's BTF needs plus the workload's (workload.BTF)."""
+def with_workload_btf(wanted, *more):
+    """A tool's BTF needs plus the workload's (workload.BTF) and any more
+    sets of them (RAW_STATE_CHANGE_BTF)."""
     from .workload import BTF
 
     out = {s: list(m) for s, m in wanted.items()}
-    for struct_name, members in BTF.items():
-        have = out.setdefault(struct_name, [])
-        have += [m for m in members if m not in have]
+    for extra in more + (BTF,):
+        for struct_name, members in extra.items():
+            have = out.setdefault(struct_name, [])
+            have += [m for m in members if m not in have]
     return out
 
 

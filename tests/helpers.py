@@ -18,6 +18,28 @@ ANNOUNCED = re.compile(r"^tcptrace [a-z]+: .*; Ctrl-C to end$")  # session.annou
 _RFC3339_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
+def fixed_btf(struct_name, members, base=1600, size=8):
+    """Made-up BTF offsets, for compiling a program against a saved kernel's
+    formats: every member found, each at its own offset; the arguments of a
+    tracepoint taken raw (btf_trace_<event>) where the kernel puts them, a
+    u64 each in order, which the verifier checks."""
+    from tcptrace import btf
+
+    if struct_name in btf.PROTOTYPES:
+        order = [name for name, _type in btf.PROTOTYPES[struct_name]]
+        return {m: (8 * order.index(m), 8) for m in members}
+    return {m: (base + 8 * i, size) for i, m in enumerate(sorted(members))}
+
+
+def load_functions(bcc, program, spec, plan):
+    """Load each function of the plan's tracepoints into the kernel (the
+    verifier's verdict), raw ones as raw tracepoint programs."""
+    for tp in spec.tracepoints:
+        if tp.name in plan.formats:
+            kind = bcc.BPF.RAW_TRACEPOINT if tp.name in plan.raw else bcc.BPF.TRACEPOINT
+            program.load_func(tp.function.encode(), kind)
+
+
 def must_run():
     """On this project's CI a privileged test may not skip: a skip there hides
     exactly the failures these tests exist for."""

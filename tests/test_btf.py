@@ -111,9 +111,9 @@ def test_types_sizes_and_names(demo):
         parsed.members(ids["int"])
 
 
-def test_struct_offsets_skips_empty_declarations_and_absent_members(demo):
+def test_struct_offsets_skips_empty_declarations_absent_members_and_bitfields(demo):
     b, _ids = demo
-    found = btf.struct_offsets(BTF(b.bytes()), "demo", ["x", "big", "b", "absent"])
+    found = btf.struct_offsets(BTF(b.bytes()), "demo", ["x", "big", "b", "absent", "flag"])
     assert found == {"x": (0, 4), "big": (8, 8), "b": (16, 8)}
     assert btf.struct_offsets(BTF(b.bytes()), "no_such_struct", ["x"]) == {}
 
@@ -158,3 +158,43 @@ def test_running_kernel_tcp_sock():
         assert parsed.size(icsk) <= offset and offset + size <= parsed.size(tcp_sock), member
         assert offset % size == 0, member
     assert btf.kernel_offsets("tcp_sock", list(wanted), cache=False) == found
+
+
+def tracepoint_blob(params):
+    """typedef void (*btf_trace_inet_sock_set_state)(void *, params...), the
+    kernel's record of a tracepoint's prototype; params are type names:
+    "sock" (const struct sock *), "sk_buff *", "int", "u64"."""
+    b = Blob()
+    ids = {"int": b.int_("int", 4, signed=True), "u64": b.int_("unsigned long long", 8)}
+    for name in ("sock", "sk_buff"):
+        ids[name] = b.composite(btf.KIND_STRUCT, name, 8, [("x", ids["u64"], 0, 0)])
+    const_sock = b.add("", btf.KIND_CONST, 0, ids["sock"])
+    ids["sock"] = b.add("", btf.KIND_PTR, 0, const_sock)
+    ids["sk_buff *"] = b.add("", btf.KIND_PTR, 0, ids["sk_buff"])
+    void_ptr = b.add("", btf.KIND_PTR, 0, 0)
+    trailer = b"".join(struct.pack("<II", 0, t) for t in [void_ptr] + [ids[p] for p in params])
+    proto = b.add("", btf.KIND_FUNC_PROTO, 1 + len(params), 0, trailer)
+    ptr = b.add("", btf.KIND_PTR, 0, proto)
+    b.add("btf_trace_inet_sock_set_state", btf.KIND_TYPEDEF, 0, ptr)
+    return BTF(b.bytes())
+
+
+@pytest.mark.parametrize("params, expected", [
+    (["sock", "int", "int"], {"sk": (0, 8), "oldstate": (8, 8), "newstate": (16, 8)}),
+    (["sock", "int", "int", "u64"], {"sk": (0, 8), "oldstate": (8, 8), "newstate": (16, 8)}),  # one more after
+    (["sk_buff *", "int", "int"], {}),  # another struct
+    (["sock", "u64", "int"], {}),  # another size
+    (["sock", "int"], {}),  # too few
+    (["int", "sock", "int"], {}),  # another order
+])
+def test_tracepoint_args_by_position_where_the_types_match(params, expected):
+    blob = tracepoint_blob(params)
+    asked = ["sk", "oldstate", "newstate"]
+    assert btf.struct_offsets(blob, "btf_trace_inet_sock_set_state", asked) == expected
+    assert btf.struct_offsets(blob, "btf_trace_inet_sock_set_state", ["newstate"]) == (
+        {"newstate": (16, 8)} if expected else {})
+
+
+def test_running_kernel_state_change_arguments():
+    found = btf.kernel_offsets("btf_trace_inet_sock_set_state", ["sk", "oldstate", "newstate"], cache=False)
+    assert found == {"sk": (0, 8), "oldstate": (8, 8), "newstate": (16, 8)}

@@ -10,6 +10,7 @@ import struct
 
 import pytest
 from click.testing import CliRunner
+import helpers
 from helpers import unwrap
 
 from tcptrace import codegen, output, runtime, tracefs
@@ -243,7 +244,7 @@ def test_default_table_fits_80_columns():
 # -- the program for every saved kernel ----------------------------------------------
 
 def fixed_btf(struct_name, members):
-    return {m: (100 + 8 * i, 2) for i, m in enumerate(sorted(members))}
+    return helpers.fixed_btf(struct_name, members, base=100, size=2)
 
 
 def plan(kernel, **opts):
@@ -302,18 +303,25 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "record"])
 @pytest.mark.parametrize("kernel", ["6.1", "6.18"])
-def test_every_variant_passes_the_verifier(bpf, kernel):
+def test_every_variant_passes_the_verifier(bpf, kernel, raw, monkeypatch):
+    """With this kernel's BTF: the state changes taken raw (as this kernel
+    allows) and from the record (TCPTRACE_NO_RAW_TRACEPOINTS, or a kernel
+    whose BTF lacks what the raw form reads)."""
+    if not raw:
+        monkeypatch.setenv("TCPTRACE_NO_RAW_TRACEPOINTS", "1")
     bcc, _where = runtime.find_bcc()
     for name, opts in VARIANTS.items():
         opts = dict(opts)
         buffer = opts.pop("buffer", "ring")
         p = runtime.plan(drops.SPEC, runtime.RunOptions(buffer=buffer, **opts), source(kernel),
                          release=source(kernel).kernel_release())
+        assert p.raw == (("sock:inet_sock_set_state",) if raw else ())
+        assert ("#define RAW_INET_SOCK_SET_STATE 1" in p.text) == raw
         program, mode = runtime.build_program(bcc, p.text, source(kernel).kernel_release(), f"drops ({name})")
         try:
             assert mode == "header-free"
-            for tp in drops.SPEC.tracepoints:
-                program.load_func(tp.function.encode(), bcc.BPF.TRACEPOINT)
+            helpers.load_functions(bcc, program, drops.SPEC, p)
         finally:
             program.cleanup()

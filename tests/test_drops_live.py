@@ -14,7 +14,7 @@ from helpers import Tracer, free_port, tcptrace_cmd
 from test_workload_live import NO_WORKLOAD, own_workload  # noqa: F401
 from netns import RECEIVER_ADDR, SENDER_ADDR, LinkPair
 
-from tcptrace import tracefs
+from tcptrace import runtime, tracefs
 from tcptrace.tools import drops
 
 HOSTS = {"v4": ("127.0.0.1", socket.AF_INET, 4), "v6": ("::1", socket.AF_INET6, 6)}
@@ -109,14 +109,18 @@ def test_unknown_reason_is_a_usage_error(bpf):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_netfilter_drop_in_a_namespace(bpf):
+@pytest.mark.parametrize("taken", ["raw", "record"])
+def test_netfilter_drop_in_a_namespace(bpf, taken):
     """An nftables rule on the receiver's input drops the SYNs to a
     listening port: NETFILTER_DROP, before any socket is looked up, so the
-    owner is the listener on that port."""
+    owner is the listener on that port, learned from its change to LISTEN:
+    taken raw (the socket's own protocol and port) where this kernel's BTF
+    allows, and from the tracepoint's record (TCPTRACE_NO_RAW_TRACEPOINTS)."""
     port = 8471
+    env = {"TCPTRACE_NO_RAW_TRACEPOINTS": "1" if taken == "record" else ""}
     with LinkPair() as pair:
         pair.drop_input(pair.receiver, f"tcp dport {port}")
-        with Tracer("drops", "-o", "json", "-L", str(port)) as t:
+        with Tracer("drops", "-o", "json", "-L", str(port), env=env) as t:
             # Listening while traced: that is how the kernel side learns its owner.
             server = Endpoint("server", RECEIVER_ADDR, port, netns=pair.receiver)
             try:
@@ -133,6 +137,8 @@ def test_netfilter_drop_in_a_namespace(bpf):
                        comm=rows[0]["comm"])
     assert rows == [expected] * len(rows)
     assert rows[0]["comm"] == sys.executable.rsplit("/", 1)[-1][:15]
+    raw = taken == "raw" and runtime.plan(drops.SPEC, runtime.RunOptions(), runtime.formats_source()).raw != ()
+    assert ("sock:inet_sock_set_state taken raw" in t.stderr) == raw, t.stderr
 
 
 BAD_SYN = r"""

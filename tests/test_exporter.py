@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 
+import helpers
 import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
@@ -127,7 +128,7 @@ def test_program_emits_nothing():
 
 
 def fixed_btf(struct_name, members):
-    return {m: (1600 + 8 * i, 8) for i, m in enumerate(sorted(members))}
+    return helpers.fixed_btf(struct_name, members)
 
 
 def no_btf(struct_name, members):
@@ -186,9 +187,7 @@ def test_program_passes_the_verifier(bpf, kernel):
                 pytest.fail(str(e))
             try:
                 assert mode == "header-free"
-                for tp in exporter.SPEC.tracepoints:
-                    if tp.name in plan.formats:
-                        program.load_func(tp.function.encode(), bcc.BPF.TRACEPOINT)
+                helpers.load_functions(bcc, program, exporter.SPEC, plan)
             finally:
                 program.cleanup()
 

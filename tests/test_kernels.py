@@ -14,6 +14,7 @@ import json
 import os
 import re
 
+import helpers
 import pytest
 
 from tcptrace import codegen, headers, runtime, tracefs
@@ -40,7 +41,7 @@ def load_derive():
 
 
 def fixed_btf(struct_name, members):
-    return {m: (1600 + 8 * i, 8) for i, m in enumerate(sorted(members))}
+    return helpers.fixed_btf(struct_name, members)
 
 
 def no_btf(struct_name, members):
@@ -305,9 +306,7 @@ def test_every_variant_passes_the_verifier(bpf, kernel):
                     continue
                 try:
                     assert mode == "header-free"
-                    for tp in spec.tracepoints:
-                        if tp.name in plan.formats:
-                            program.load_func(tp.function.encode(), bcc.BPF.TRACEPOINT)
+                    helpers.load_functions(bcc, program, spec, plan)
                     loaded += 1
                 finally:
                     program.cleanup()

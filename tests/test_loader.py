@@ -51,7 +51,8 @@ def sample():
         maps=[MapSpec("stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2),
               MapSpec("events", BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 21),
               MapSpec("filter_lports", BPF_MAP_TYPE_HASH, 2, 1, 64)],
-        programs=[ProgSpec("on_inet_sock_set_state", insns, relocs)],
+        programs=[ProgSpec("on_inet_sock_set_state", insns, relocs, compiled.BPF_PROG_TYPE_RAW_TRACEPOINT),
+                  ProgSpec("on_kfree_skb", MOV0 + EXIT)],
         license="GPL",
         kern_version=397868,
         origin={"bcc": "0.26.0"},
@@ -59,10 +60,12 @@ def sample():
 
 
 def test_json_round_trip():
-    compiled = sample()
-    text = compiled.to_json()
-    assert Compiled.from_json(text) == compiled
+    kept = sample()
+    text = kept.to_json()
+    assert Compiled.from_json(text) == kept
     assert Compiled.from_json(text).to_json() == text
+    assert [p.prog_type for p in Compiled.from_json(text).programs] == [
+        compiled.BPF_PROG_TYPE_RAW_TRACEPOINT, compiled.BPF_PROG_TYPE_TRACEPOINT]
 
 
 def _edit(doc_edit):
@@ -83,6 +86,8 @@ DAMAGED = {
     "two maps of one name": lambda d: d["maps"].append(dict(d["maps"][0])),
     "bad base64": lambda d: d["programs"][0].update(insns="!!"),
     "a missing field": lambda d: d["maps"][0].pop("key_size"),
+    "a program type not loaded": lambda d: d["programs"][0].update(prog_type=26),  # BPF_PROG_TYPE_TRACING
+    "a program without a type": lambda d: d["programs"][0].pop("prog_type"),
 }
 
 

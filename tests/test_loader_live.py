@@ -235,7 +235,7 @@ def test_every_program_loads_and_attaches_without_bcc(bpf, spec, opts):
     obj, _mode = runtime.build_program(bcc, plan.text, plan.release)
     functions = [tp.function for tp in spec.tracepoints if tp.name in plan.formats]
     try:
-        compiled = bcc_runtime.capture(obj, functions)
+        compiled = bcc_runtime.capture(obj, functions, raw=plan.raw_functions)
         names = {name: obj[name.encode()].map_fd for name in (m.name for m in compiled.maps)}
         bcc_maps = {name: bpfsys.map_info(fd) for name, fd in names.items()}
     finally:
@@ -243,9 +243,14 @@ def test_every_program_loads_and_attaches_without_bcc(bpf, spec, opts):
     assert [p.name for p in compiled.programs] == functions
     with bpfsys.Loaded(kept.Compiled.from_json(compiled.to_json())) as loaded:
         for tp in spec.tracepoints:
-            if tp.name in plan.formats:
+            if tp.name in plan.raw:
+                loaded.attach_raw_tracepoint(tp.name, tp.function)
+            elif tp.name in plan.formats:
                 loaded.attach_tracepoint(source.root, tp.name, tp.function)
         assert len(loaded.attached) == len(functions)
+        kinds = {name: bpfsys.prog_type(fd) for name, fd in loaded.programs.items()}
+        assert kinds == {tp.function: kept.BPF_PROG_TYPE_RAW_TRACEPOINT if tp.name in plan.raw
+                         else kept.BPF_PROG_TYPE_TRACEPOINT for tp in spec.tracepoints if tp.name in plan.formats}
         for name, info in bcc_maps.items():
             mine = bpfsys.map_info(loaded[name].fd)
             assert (mine.type, mine.key_size, mine.value_size, mine.max_entries, mine.map_flags) == (

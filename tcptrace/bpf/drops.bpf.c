@@ -4,7 +4,8 @@
  * belonged to when the kernel knew one.
  *
  * Tracepoints: skb:kfree_skb with its `reason` (Linux 5.17+), and
- * sock:inet_sock_set_state (4.16+), only to learn who owns each socket.
+ * sock:inet_sock_set_state (4.16+), only to learn who owns each socket,
+ * taken raw where the kernel's BTF allows (on_inet_sock_set_state).
  *
  * kfree_skb fires for every packet of every protocol the kernel frees as a
  * drop, so the first test is the cheapest: the ethertype in the record
@@ -266,21 +267,43 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	return 0;
 }
 
-#ifdef HAVE_INET_SOCK_SET_STATE
+static __always_inline void state_changed(u64 skaddr, s32 oldstate, s32 newstate, u16 lport)
+{
+	/* connect() and listen() only (TCPTRACE_OWNERS_AT_OPEN); the delete at
+	 * CLOSE keeps a recycled socket address from inheriting a stale owner. */
+	track_owner(skaddr, oldstate, newstate, lport);
+	workload_track(skaddr, oldstate, newstate, lport);
+	if (newstate == TCP_CLOSE)
+		forget_owner(skaddr);
+}
+
+#if defined(RAW_INET_SOCK_SET_STATE)
+/* Taken raw (the plan defines RAW_INET_SOCK_SET_STATE where the kernel's
+ * BTF has the tracepoint's prototype and the socket's offsets): the kernel
+ * hands over its arguments, sk, oldstate and newstate, at their positions
+ * in the context, and writes no record. The record would cost more than
+ * this program: the tracepoint fires about ten times per connection, and a
+ * drop-free load pays for it. The protocol and the local port come from the
+ * socket (the record copies the same two fields). */
+int on_inet_sock_set_state(struct raw_tracepoint_args *ctx)
+{
+	u64 skaddr = raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_SK);
+	u16 protocol = 0, lport = 0;
+
+	if (read_kernel(&protocol, sizeof(protocol), (void *)(skaddr + OFF_SOCK_SK_PROTOCOL)) != 0 ||
+	    !is_tcp(protocol))
+		return 0;
+	read_kernel(&lport, sizeof(lport), (void *)(skaddr + OFF_SOCK_COMMON_SKC_NUM));
+	state_changed(skaddr, (s32)raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_OLDSTATE),
+		      (s32)raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_NEWSTATE), lport);
+	return 0;
+}
+#elif defined(HAVE_INET_SOCK_SET_STATE)
 int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
 	if (!is_tcp(args->protocol))
 		return 0;
-
-	u64 skaddr = args->skaddr;
-	s32 oldstate = args->oldstate, newstate = args->newstate;
-
-	/* connect() and listen() only (TCPTRACE_OWNERS_AT_OPEN); the delete at
-	 * CLOSE keeps a recycled socket address from inheriting a stale owner. */
-	track_owner(skaddr, oldstate, newstate, args->sport);
-	workload_track(skaddr, oldstate, newstate, args->sport);
-	if (newstate == TCP_CLOSE)
-		forget_owner(skaddr);
+	state_changed(args->skaddr, args->oldstate, args->newstate, args->sport);
 	return 0;
 }
 #endif

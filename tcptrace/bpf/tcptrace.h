@@ -107,6 +107,14 @@ static __always_inline int is_tcp(u16 protocol)
 	return protocol == IPPROTO_TCP;
 }
 
+/* A raw tracepoint program's context: the tracepoint's arguments, a u64
+ * each in the order of its prototype. A program reads one at the byte
+ * offset the plan found in the kernel's BTF (OFF_BTF_TRACE_<EVENT>_<ARG>). */
+struct raw_tracepoint_args {
+	__u64 args[0];
+};
+#define raw_arg(ctx, offset) (*(__u64 *)((char *)(ctx) + (offset)))
+
 /* bcc defines KERNEL_VERSION; a plain C preprocessor (tests) may not. */
 #ifdef KERNEL_VERSION
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 5, 0)

@@ -18,7 +18,15 @@ import sys
 from .. import btf, headers
 from ..errors import BccMissingError, BuildError, Unsupported
 from .bpfsys import BPF_NOEXIST, map_info
-from .compiled import MAP_TYPES, Compiled, MapSpec, ProgSpec, relocations
+from .compiled import (
+    BPF_PROG_TYPE_RAW_TRACEPOINT,
+    BPF_PROG_TYPE_TRACEPOINT,
+    MAP_TYPES,
+    Compiled,
+    MapSpec,
+    ProgSpec,
+    relocations,
+)
 
 # Where distributions put bcc's pure-Python module, for a Python (a venv,
 # pyenv) that does not see the distribution's site directory.
@@ -162,8 +170,9 @@ def bcc_table_names(bpf_object):
     return [own.bpf_table_name(bpf_object.module, i).decode() for i in range(own.bpf_num_tables(bpf_object.module))]
 
 
-def capture(bpf_object, function_names, map_names=None):
-    """What the kernel needs to load bpf_object's functions again, bcc gone.
+def capture(bpf_object, function_names, map_names=None, raw=()):
+    """What the kernel needs to load bpf_object's functions again, bcc gone
+    (those named in raw as raw tracepoint programs).
 
     bpf_object is a bcc.BPF (not imported here: the caller has it); its
     maps are described by the kernel (BPF_OBJ_GET_INFO_BY_FD on each fd), its
@@ -186,7 +195,8 @@ def capture(bpf_object, function_names, map_names=None):
         except Exception as e:  # bcc raises a bare Exception for an unknown function
             raise Unsupported(f"the function {name} has no bytecode to keep ({e})") from None
         insns, relocs = relocations(code, fd_names)
-        programs.append(ProgSpec(name, insns, relocs))
+        programs.append(ProgSpec(name, insns, relocs,
+                                 BPF_PROG_TYPE_RAW_TRACEPOINT if name in raw else BPF_PROG_TYPE_TRACEPOINT))
     lib = _bcc_lib(bpf_object)
     license, kern_version = "GPL", 0
     if lib is not None and hasattr(bpf_object, "module"):
@@ -259,8 +269,11 @@ class BccProgram:
     def map(self, name):
         return BccMap(self.bpf[name])
 
-    def attach(self, tracefs_root, tracepoint, function):
-        self.bpf.attach_tracepoint(tp=tracepoint, fn_name=function)
+    def attach(self, tracefs_root, tracepoint, function, raw=False):
+        if raw:
+            self.bpf.attach_raw_tracepoint(tp=tracepoint.split(":", 1)[1].encode(), fn_name=function.encode())
+        else:
+            self.bpf.attach_tracepoint(tp=tracepoint, fn_name=function)
 
     def program_fds(self, functions):
         funcs = getattr(self.bpf, "funcs", {})
@@ -302,7 +315,7 @@ class BccProgram:
             self.bpf = None
 
 
-def build(text, release, what, functions, say=None, capture_it=True):
+def build(text, release, what, functions, say=None, capture_it=True, raw=()):
     """Compile with bcc here; returns (BccProgram, Compiled or None). The
     Compiled is what the kernel was given, for the cache and the loader,
     None when it cannot be reproduced without bcc (say() tells why)."""
@@ -312,7 +325,7 @@ def build(text, release, what, functions, say=None, capture_it=True):
     if not capture_it:
         return program, None
     try:
-        return program, capture(bpf, functions)
+        return program, capture(bpf, functions, raw=raw)
     except Unsupported as e:
         if say:
             say(f"not cached ({e}): running on bcc")

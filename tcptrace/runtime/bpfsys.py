@@ -36,6 +36,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 
 BPF_ANY = 0  # update flags: create or replace
@@ -122,6 +123,10 @@ class _ProgLoadAttr(ctypes.Structure):
                 ("prog_flags", _u32), ("prog_name", ctypes.c_char * OBJ_NAME_LEN)]
 
 
+class _RawTracepointAttr(ctypes.Structure):
+    _fields_ = [("name", _u64), ("prog_fd", _u32)]
+
+
 class _InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", _u32), ("info_len", _u32), ("info", _u64)]
 
@@ -166,6 +171,11 @@ def map_info(fd):
 
 def prog_id(fd):
     return _info(fd, _ProgInfo()).id
+
+
+def prog_type(fd):
+    """The kernel's type of a loaded program (BPF_PROG_TYPE_*)."""
+    return _info(fd, _ProgInfo()).type
 
 
 def prog_recursion_misses(fd):
@@ -356,7 +366,7 @@ class Loaded:
         self.compiled = compiled
         self.maps = {}
         self.programs = {}  # function name -> program fd
-        self.attached = []  # (tracepoint, function, perf event fd)
+        self.attached = []  # (tracepoint, function, perf event or raw tracepoint fd)
         try:
             for spec in compiled.maps:
                 self.maps[spec.name] = Map(spec, self._create_map(spec))
@@ -396,7 +406,7 @@ class Loaded:
         license = ctypes.create_string_buffer(self.compiled.license.encode())
 
         def load(log=None):
-            attr = _ProgLoadAttr(prog_type=self.compiled.prog_type, insn_cnt=len(prog.insns) // INSN_SIZE,
+            attr = _ProgLoadAttr(prog_type=prog.prog_type, insn_cnt=len(prog.insns) // INSN_SIZE,
                                  insns=ctypes.addressof(insns), license=ctypes.addressof(license),
                                  kern_version=self.compiled.kern_version, prog_name=_obj_name(prog.name))
             if log is not None:
@@ -457,6 +467,21 @@ class Loaded:
             raise LoaderError(f"attaching {function} to {tracepoint} failed ({e.strerror}).") from None
         self.attached.append((tracepoint, function, pfd))
 
+    def attach_raw_tracepoint(self, tracepoint, function):
+        """Run function, a raw tracepoint program, at tracepoint
+        ('category:name'; the kernel knows raw tracepoints by name alone).
+        The fd the kernel returns holds the attachment."""
+        category, _, name = tracepoint.partition(":")
+        if not category or not name or "/" in tracepoint:
+            raise ValueError(f"not a tracepoint name: {tracepoint!r}")
+        event = ctypes.create_string_buffer(name.encode())
+        attr = _RawTracepointAttr(name=ctypes.addressof(event), prog_fd=self.programs[function])
+        try:
+            fd = bpf(BPF_RAW_TRACEPOINT_OPEN, attr)
+        except OSError as e:
+            raise LoaderError(f"attaching {function} to the raw tracepoint {name} failed ({e.strerror}).") from None
+        self.attached.append((tracepoint, function, fd))
+
     def prog_ids(self):
         """Function name -> the kernel's program id (what bpftool shows)."""
         return {name: prog_id(fd) for name, fd in self.programs.items()}
@@ -465,7 +490,7 @@ class Loaded:
         return {name: map_info(m.fd).id for name, m in self.maps.items()}
 
     def close(self):
-        # The perf events first, so tracing stops at once; the kernel frees
+        # The attachments first, so tracing stops at once; the kernel frees
         # each program and map when its last reference goes, in any order.
         for _tp, _fn, pfd in self.attached:
             _close(pfd)

@@ -27,6 +27,7 @@ def cacheable(plan):
 
 def load(plan, what, functions, verbose, err=sys.stderr):
     """The plan's program in the kernel (a Program)."""
+    raw = tuple(f for f in functions if f in plan.raw_functions)
     version = compiled.bcc_version(bcc.BCC_DIRS)
     path = None
     if cacheable(plan) and version:
@@ -42,7 +43,7 @@ def load(plan, what, functions, verbose, err=sys.stderr):
             except LoaderError as e:
                 verbose(f"the cached program did not load ({e}); building with bcc")
     if path is not None and not os.environ.get("TCPTRACE_BUILD_HERE"):
-        built = build_apart(plan.text, plan.release, what, functions, verbose, err)
+        built = build_apart(plan.text, plan.release, what, functions, verbose, err, raw)
         if built is not None:
             saved, reply = built
             try:
@@ -54,7 +55,8 @@ def load(plan, what, functions, verbose, err=sys.stderr):
                 if not compiled.write_cache(path, saved):
                     verbose(f"the compiled program could not be cached in {os.path.dirname(path)}")
                 return program
-    program, saved = bcc.build(plan.text, plan.release, what, functions, verbose, capture_it=path is not None)
+    program, saved = bcc.build(plan.text, plan.release, what, functions, verbose, capture_it=path is not None,
+                               raw=raw)
     if saved is None:
         return program
     try:
@@ -68,7 +70,7 @@ def load(plan, what, functions, verbose, err=sys.stderr):
     return cached
 
 
-def build_apart(text, release, what, functions, verbose, err=sys.stderr):
+def build_apart(text, release, what, functions, verbose, err=sys.stderr, raw=()):
     """Compile with bcc in a child process; returns (Compiled, the child's
     reply) or None when the child did not manage it: the caller builds
     here, and that build says why (the child's messages are dropped then,
@@ -91,7 +93,7 @@ def build_apart(text, release, what, functions, verbose, err=sys.stderr):
         try:
             os.close(r)
             os.dup2(log.fileno(), 2)  # bcc's, the compiler's and verbose() messages
-            program, saved = bcc.build(text, release, what, functions, verbose)
+            program, saved = bcc.build(text, release, what, functions, verbose, raw=raw)
             if saved is None:
                 raise LoaderError("the program cannot be captured")
             reply = {"mode": program.build_mode, "where": program.where, "version": program.bcc_version,

@@ -6,7 +6,8 @@ bytecode depends on.
 bcc puts each map's fd into the bytecode as it compiles (ld_imm64 with
 src_reg BPF_PSEUDO_MAP_FD and imm = the fd): relocations() turns those into
 references by map name, and bpfsys.Loaded writes the new maps' fds back in.
-Only what tcptrace's programs use is supported: tracepoint programs; hash,
+Only what tcptrace's programs use is supported: tracepoint and raw
+tracepoint programs; hash,
 LRU hash, array, their per-CPU kinds and the ring buffer.
 """
 
@@ -23,9 +24,11 @@ from .. import btf
 from ..digest import sha256
 from ..errors import CacheError, Unsupported
 
-FORMAT = 1  # of Compiled's JSON; a change of shape must change it (it is in the cache key)
+FORMAT = 2  # of Compiled's JSON; a change of shape must change it (it is in the cache key)
 
 BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+PROG_TYPES = (BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_RAW_TRACEPOINT)
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
@@ -83,6 +86,7 @@ class ProgSpec:
     name: str
     insns: bytes  # the map fds zeroed: the same program gives the same bytes
     relocs: tuple = ()  # (instruction index, map name)
+    prog_type: int = BPF_PROG_TYPE_TRACEPOINT  # or BPF_PROG_TYPE_RAW_TRACEPOINT
 
 
 @dataclass
@@ -91,7 +95,6 @@ class Compiled:
     programs: list
     license: str = "GPL"
     kern_version: int = 0
-    prog_type: int = BPF_PROG_TYPE_TRACEPOINT
     origin: dict = field(default_factory=dict)  # bcc version, kernel, machine: for people, not checked
 
     def program(self, name):
@@ -106,7 +109,6 @@ class Compiled:
                 "format": FORMAT,
                 "license": self.license,
                 "kern_version": self.kern_version,
-                "prog_type": self.prog_type,
                 "origin": self.origin,
                 "maps": [
                     {"name": m.name, "type": m.type, "key_size": m.key_size, "value_size": m.value_size,
@@ -115,7 +117,7 @@ class Compiled:
                 ],
                 "programs": [
                     {"name": p.name, "insns": binascii.b2a_base64(p.insns, newline=False).decode(),
-                     "relocs": [[i, name] for i, name in p.relocs]}
+                     "relocs": [[i, name] for i, name in p.relocs], "prog_type": p.prog_type}
                     for p in self.programs
                 ],
             },
@@ -137,11 +139,11 @@ class Compiled:
             ]
             programs = [
                 ProgSpec(str(p["name"]), _b64decode(p["insns"]),
-                         tuple((int(i), str(name)) for i, name in p["relocs"]))
+                         tuple((int(i), str(name)) for i, name in p["relocs"]), int(p["prog_type"]))
                 for p in doc["programs"]
             ]
             compiled = cls(maps, programs, str(doc["license"]), int(doc["kern_version"]),
-                           int(doc["prog_type"]), dict(doc.get("origin") or {}))
+                           dict(doc.get("origin") or {}))
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError, binascii.Error) as e:
             raise ValueError(f"not a saved program ({e.__class__.__name__}: {e})") from None
         compiled.check()
@@ -155,6 +157,8 @@ class Compiled:
             if m.type not in MAP_TYPES:
                 raise ValueError(f"map {m.name} has type {m.type}, which this loader does not create")
         for prog in self.programs:
+            if prog.prog_type not in PROG_TYPES:
+                raise ValueError(f"{prog.name} is of program type {prog.prog_type}, which this loader does not load")
             count = len(prog.insns) // INSN_SIZE
             if not prog.insns or len(prog.insns) % INSN_SIZE:
                 raise ValueError(f"{prog.name}: {len(prog.insns)} bytes is not a whole number of instructions")

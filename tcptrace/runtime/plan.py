@@ -127,6 +127,11 @@ class Plan:
     release: str
     maps: dict = field(default_factory=dict)  # map name -> [(key, value)], int or bytes
     symbols: dict = field(default_factory=dict)
+    raw: tuple = ()  # the tracepoints taken raw (spec.Tracepoint.raw)
+
+    @property
+    def raw_functions(self):
+        return tuple(f"on_{name.split(':', 1)[1]}" for name in self.raw)
 
 
 def symbols_of(formats):
@@ -174,5 +179,18 @@ def plan(spec, opts, source, release=None, btf_offsets=None):
         defs.update(more)
         for name, values in entries.items():
             maps.setdefault(name, []).extend(values)
+    raw = raw_tracepoints(spec, formats, found)
+    for name in raw:
+        defs[f"RAW_{name.split(':', 1)[1].upper()}"] = 1
     text = codegen.program(spec, formats, defs, release)
-    return Plan(text, formats, missing, use_ring, found, release, maps, symbols)
+    return Plan(text, formats, missing, use_ring, found, release, maps, symbols, raw)
+
+
+def raw_tracepoints(spec, formats, found):
+    """The tracepoints of this run taken raw: those whose tool can and whose
+    BTF entries this kernel has. TCPTRACE_NO_RAW_TRACEPOINTS=1 reads every
+    record instead (to compare, or to rule the raw form out)."""
+    if os.environ.get("TCPTRACE_NO_RAW_TRACEPOINTS", "") not in ("", "0"):
+        return ()
+    return tuple(tp.name for tp in spec.tracepoints
+                 if tp.raw and tp.name in formats and all(need in found for need in tp.raw))

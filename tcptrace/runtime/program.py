@@ -2,7 +2,8 @@
 
 Two implementations: CachedProgram (loaded by bpfsys from a Compiled, no
 bcc in the process) and bcc.BccProgram (built and loaded by bcc). Both
-offer: map(name) at the byte level, attach(), program_fds(), open_events()
+offer: map(name) at the byte level, attach() (raw=True: as a raw tracepoint),
+program_fds(), open_events()
 returning poll(timeout_ms), count_ready(ended_ns), fill() (the buffer's filled
 fraction, None when unknown) and close(). The session
 never asks which one it has.
@@ -30,8 +31,11 @@ class CachedProgram:
     def map(self, name):
         return self.loaded[name]
 
-    def attach(self, tracefs_root, tracepoint, function):
-        self.loaded.attach_tracepoint(tracefs_root, tracepoint, function)
+    def attach(self, tracefs_root, tracepoint, function, raw=False):
+        if raw:
+            self.loaded.attach_raw_tracepoint(tracepoint, function)
+        else:
+            self.loaded.attach_tracepoint(tracefs_root, tracepoint, function)
 
     def program_fds(self, functions):
         return {name: self.loaded.programs[name] for name in functions if name in self.loaded.programs}

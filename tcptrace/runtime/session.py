@@ -164,7 +164,10 @@ class Session:
                 gone = ", ".join(n for n in tp.instead_of if n not in self.plan.formats)
                 self.say(f"this kernel has no {gone} (Linux {tp_since(tp.instead_of)}+): {tp.why}")
             try:
-                self.program.attach(root, tp.name, tp.function)
+                raw = tp.name in self.plan.raw
+                self.program.attach(root, tp.name, tp.function, raw=raw)
+                if raw:
+                    self.verbose(f"{tp.name} taken raw: its arguments, without a record written first")
                 self.attached.append(tp.name)
                 self.ctx.tracepoints = tuple(self.attached)
             except Exception as e:

@@ -8,6 +8,8 @@ from ..layout import Layout
 from ..spec import (
     CGROUP_COLUMN,
     IP_COLUMN,
+    RAW_STATE_CHANGE,
+    RAW_STATE_CHANGE_BTF,
     WORKLOAD_COLUMNS,
     WORKLOAD_FIELDS,
     BadOption,
@@ -211,7 +213,7 @@ SPEC = ToolSpec(
     tracepoints=(
         Tracepoint("skb:kfree_skb", fields=("skbaddr", "protocol", "reason"), since="5.17"),
         Tracepoint("sock:inet_sock_set_state", fields=("skaddr", "oldstate", "newstate", "sport", "protocol"),
-                   since="4.16", optional=True),
+                   since="4.16", optional=True, raw=RAW_STATE_CHANGE),
     ),
     options=("pid", "localport", "remoteport", "ipv4", "ipv6", "time", "timestamp", "wide", "count",
              "interval", "top"),
@@ -226,7 +228,8 @@ SPEC = ToolSpec(
                choices=("reason", "lport"), default="reason", goes_with="count"),
     ),
     configure=configure,
-    btf=with_workload_btf({"sk_buff": ("head", "network_header", "sk"), "sock_common": ("skc_num", "skc_state")}),
+    btf=with_workload_btf({"sk_buff": ("head", "network_header", "sk"), "sock_common": ("skc_num", "skc_state")},
+                          RAW_STATE_CHANGE_BTF),
     counter=Counter(key=COUNT_KEY, columns=COUNT_COLUMNS, decode=decode_count),
     notes=(
         "Needs the kernel's BTF (/sys/kernel/btf/vmlinux) for the packet headers. Only a TCP "

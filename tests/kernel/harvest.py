@@ -14,7 +14,9 @@ btf.json holds what tcptrace.btf.struct_offsets finds: members reachable
 through anonymous structs and unions are listed under the outer struct,
 bitfields (which tcptrace never reads) are left out. A struct listed there
 has all its members listed, so a member absent from it is absent from the
-kernel.
+kernel. A btf_trace_<event> entry is a tracepoint's arguments as a raw
+tracepoint program finds them (tcptrace.btf.PROTOTYPES), present where the
+kernel's prototype is the one expected.
 """
 
 import json
@@ -77,7 +79,13 @@ def btf_facts(blob, names):
         members = {}
         _flatten(blob, ids[name], 0, members)
         facts[name] = dict(sorted(members.items()))
-    return facts
+    # The tracepoints taken raw: their arguments' places, where the
+    # prototype is the one tcptrace expects.
+    for name in sorted(n for n in names if n in btf.PROTOTYPES):
+        args = btf.tracepoint_args(blob, name, [arg for arg, _type in btf.PROTOTYPES[name]])
+        if args:
+            facts[name] = {arg: list(where) for arg, where in sorted(args.items())}
+    return dict(sorted(facts.items()))
 
 
 def live_btf_facts(names=None, path=btf.VMLINUX):

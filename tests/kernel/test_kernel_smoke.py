@@ -26,9 +26,9 @@ import pytest
 
 import helpers
 from helpers import ROOT, Peer, Tracer, free_port, session, tcptrace_cmd
-from tcptrace import headers, tracefs
+from tcptrace import headers, runtime, tracefs
 from tcptrace.programs import PROGRAMS
-from tcptrace.tools import TOOLS
+from tcptrace.tools import TOOLS, drops
 from test_states_live import CLIENT_FIRST, by_socket
 
 HOSTS = {"v4": ("127.0.0.1", socket.AF_INET, 4), "v6": ("::1", socket.AF_INET6, 6)}
@@ -377,6 +377,11 @@ def test_drops_no_socket(smoke):
     r = rows[0]
     assert (r["reason"], r["flags"], r["saddr"], r["daddr"], r["family"]) == (
         "NO_SOCKET", "S", "127.0.0.1", "127.0.0.1", 4)
+    # The owners' state changes taken raw: every kernel booted here has the
+    # prototype and offsets in its BTF, and its verifier took the program.
+    assert runtime.plan(drops.SPEC, runtime.RunOptions(), runtime.formats_source()).raw == (
+        "sock:inet_sock_set_state",)
+    assert "sock:inet_sock_set_state taken raw" in smoke.tracers["drops"].stderr
 
 
 def test_doctor(bpf):
