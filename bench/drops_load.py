@@ -14,7 +14,12 @@ QUEUE_PURGE (about one segment per connection on 6.12 and later).
 counts them; `tcptrace drops --reason NO_SOCKET` reaches the ring for none
 either, through its reason filter.
 
-    sudo python3 bench/drops_load.py [--rounds 5] [--seconds 3] [--pairs 2] [--json PATH]
+    sudo python3 bench/drops_load.py [--rounds 5] [--seconds 3] [--pairs 2] [--json PATH] [--only TRACER]
+
+After the rounds, --program-rounds more loads per tracer read its BPF
+programs' run time per connection from the kernel's own account
+(kernel.bpf_stats_enabled, on for those loads only): what the programs
+cost, without the rate's noise.
 
 With --json, the results (every round, each tracer's CPU per connection,
 medians and spreads, machine and versions) go to PATH as well; `make bench`
@@ -40,6 +45,7 @@ BPFTRACE = "tracepoint:skb:kfree_skb { @[args->reason] = count(); }"
 # record instead of taken raw (TCPTRACE_NO_RAW_TRACEPOINTS), the form a
 # kernel without the BTF for the raw one gets: what the raw form saves.
 RECORD = "state changes from the record"
+TRACERS = ["none", "tcptrace drops", "tcptrace drops --reason NO_SOCKET", f"tcptrace drops, {RECORD}", "bpftrace"]
 
 
 def load(seconds, pairs, port):
@@ -74,6 +80,48 @@ def attach(which):
     raise SystemExit(f"{which} did not start (status {proc.wait()})")
 
 
+STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def programs():
+    """{id: bpftool's description} of every BPF program loaded now, or None
+    without bpftool."""
+    try:
+        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {p["id"]: p for p in json.loads(out.stdout or "[]")} if out.returncode == 0 else None
+
+
+def program_time(which, seconds, pairs, port):
+    """The tracer's BPF programs' run time per connection of a load, in ns:
+    the kernel's own account (kernel.bpf_stats_enabled, on for the load
+    only, since keeping it costs every program two clock reads); the
+    tracer's programs are those that appeared when it attached. None where
+    the kernel or bpftool cannot tell."""
+    before = programs()
+    if before is None or not os.path.exists(STATS_SYSCTL):
+        return None
+    proc = attach(which)
+    try:
+        ours = [i for i in (programs() or {}) if i not in before]
+        with open(STATS_SYSCTL) as f:
+            was = f.read().strip()
+        with open(STATS_SYSCTL, "w") as f:
+            f.write("1")
+        try:
+            summary = load(seconds, pairs, port)
+            after = programs() or {}
+        finally:
+            with open(STATS_SYSCTL, "w") as f:
+                f.write(was)
+    finally:
+        stop_process(proc)
+    if not ours or not summary.get("connections"):
+        return None
+    return sum(after.get(i, {}).get("run_time_ns", 0) for i in ours) / summary["connections"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -81,11 +129,14 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--port", type=int, default=24000)
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument("--program-rounds", type=int, default=3, metavar="N",
+                        help="then N more loads per tracer to read its programs' run time (0: none)")
+    parser.add_argument("--only", action="append", metavar="TRACER", choices=TRACERS[1:],
+                        help="only this tracer beside no tracer (repeatable): a closer look at fewer")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0 or args.pairs < 1:
         parser.error("--rounds, --seconds and --pairs must be positive")
-    tracers = ["none", "tcptrace drops", "tcptrace drops --reason NO_SOCKET", f"tcptrace drops, {RECORD}"]
-    tracers += ["bpftrace"] if shutil.which("bpftrace") else []
+    tracers = ["none"] + (args.only or [t for t in TRACERS[1:] if t != "bpftrace" or shutil.which("bpftrace")])
     rates = {t: [] for t in tracers}
     ratios = {t: [] for t in tracers}
     rounds = {t: [] for t in tracers}
@@ -109,15 +160,24 @@ def main(argv=None):
         for which in tracers:
             rates[which].append(got[which])
             ratios[which].append(got[which] / got["none"])
+    # Apart from the rounds above, whose rates the kernel's accounting would
+    # slow: the same load once more per tracer and round.
+    for r in range(min(args.program_rounds, args.rounds)):
+        for which in tracers[1:]:
+            rounds[which][r]["bpf_ns_per_connection"] = program_time(which, args.seconds, args.pairs, args.port)
     print(f"loopback connections at full speed, {args.pairs} pairs, {args.seconds:g} s, {args.rounds} rounds:")
     for which in tracers:
+        spent = [x["bpf_ns_per_connection"] for x in rounds[which] if x.get("bpf_ns_per_connection") is not None]
         print(f"  {which:34} {statistics.median(rates[which]):9,.0f} conn/s  "
               f"ratio {statistics.median(ratios[which]):.3f} "
-              f"({min(ratios[which]):.3f}-{max(ratios[which]):.3f})")
+              f"({min(ratios[which]):.3f}-{max(ratios[which]):.3f})"
+              + (f"  programs {statistics.median(spent):,.0f} ns per connection" if spent else ""))
     if args.json:
         columns = [{"key": "cpu_s", "label": "tracer CPU s", "fmt": ".3f", "agg": "median"},
                    {"key": "cpu_us_per_connection", "label": "tracer CPU per connection (us)", "fmt": ".2f",
-                    "agg": "spread"}]
+                    "agg": "spread"},
+                   {"key": "bpf_ns_per_connection", "label": "its BPF programs' run time per connection (ns)",
+                    "fmt": ",.0f", "agg": "spread"}]
         roles = {"none": "baseline", "bpftrace": "anchor"}
         labels = {"none": "no tracer", "bpftrace": "bpftrace kfree_skb count by reason"}
         pairs = f"{args.pairs} client/server pair{'s' if args.pairs != 1 else ''}"
@@ -126,7 +186,7 @@ def main(argv=None):
                           [{"label": labels.get(t, t), "role": roles.get(t, "tcptrace"), "rounds": rounds[t]}
                            for t in tracers], columns,
                           {"rounds": args.rounds, "seconds per load": args.seconds, "pairs": args.pairs},
-                          [] if "bpftrace" in tracers else ["bpftrace: not installed (apt-get install bpftrace)"])
+                          [] if "bpftrace" in tracers or args.only else ["bpftrace: not installed (apt-get install bpftrace)"])
         write_json(args.json, rec)
     return 0
 
