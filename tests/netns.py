@@ -59,6 +59,13 @@ class LinkPair:
                 "{ type filter hook input priority 0 ; policy accept ; }")
         self.ns(ns, "nft", "add", "rule", "inet", "tcptrace_test", "input", *rule.split(), "drop")
 
+    def drop_output(self, ns, rule):
+        """Add an nftables rule on `ns`'s output hook: `rule` then drop."""
+        self.ns(ns, "nft", "add", "table", "inet", "tcptrace_test")
+        self.ns(ns, "nft", "add", "chain", "inet", "tcptrace_test", "output",
+                "{ type filter hook output priority 0 ; policy accept ; }")
+        self.ns(ns, "nft", "add", "rule", "inet", "tcptrace_test", "output", *rule.split(), "drop")
+
     def lose_tcp(self, ns, match):
         """Drop one in five TCP segments matching `match` on `ns`'s input.
         TCP only: dropping ICMPv6 too would lose neighbour discovery, and an

@@ -3,6 +3,8 @@ a closed port, an nftables drop, a bad checksum, a segment outside the
 receive window, a SYN without the listener's TCP-MD5 signature, a full
 accept queue, and the purge of a closed connection that is not a drop."""
 
+import io
+import re
 import socket
 import subprocess
 import sys
@@ -141,6 +143,51 @@ def test_netfilter_drop_in_a_namespace(bpf, taken):
     assert ("sock:inet_sock_set_state taken raw" in t.stderr) == raw, t.stderr
 
 
+def test_a_connecting_sockets_own_segment_dropped_on_output(bpf):
+    """An nftables rule on the sender's output drops a connect()'s SYNs:
+    NETFILTER_DROP of a segment the socket itself was sending, so the owner
+    is the one recorded when it connected (the owners' table, not the
+    listener fallback: nothing listens on that port), in SYN_SENT."""
+    port = 8475
+    with LinkPair() as pair:
+        pair.drop_output(pair.sender, f"tcp dport {port}")
+        with Tracer("drops", "-o", "json", "-D", str(port)) as t:
+            client = Endpoint("client", RECEIVER_ADDR, port, "--syncnt", 1, "--give-up", 2.5, netns=pair.sender)
+            assert client.outcome() in ("timeout", "gave-up")
+            assert t.stop() == 0, t.stderr
+        rows = t.json_rows()
+        assert len(rows) >= 2, rows  # the SYN and at least one retry
+        expected = segment(4, SENDER_ADDR, rows[0]["sport"], RECEIVER_ADDR, port, "S", "NETFILTER_DROP",
+                           pid=client.pid, comm=sys.executable.rsplit("/", 1)[-1][:15], state="SYN_SENT",
+                           work=own_workload(f"/run/netns/{pair.sender}"))
+        assert rows == [expected] * len(rows)
+
+
+def test_an_owner_displaced_in_a_table_of_one_slot_is_counted(bpf):
+    """With a table of one slot (TCPTRACE_MAX_SOCKETS, a build-time size)
+    every connect() or listen() displaces the socket before it: each
+    displacement is counted as a socket not tracked and said at exit. Here a
+    listener, then a client while the listener lives: at least one (the
+    host's own connections may add theirs)."""
+    from tcptrace import output
+    from tcptrace.runtime import Session
+
+    err = io.StringIO()
+    opts = runtime.RunOptions(duration=1.5, extra={"TCPTRACE_MAX_SOCKETS": 1})
+    session = Session(drops.SPEC, opts, output.writer("json", io.StringIO(), drops.COLUMNS), err=err)
+    try:
+        session.open()
+        port = free_port()
+        with socket.create_server(("127.0.0.1", port)) as listener, \
+                socket.create_connection(("127.0.0.1", port), timeout=5):
+            listener.accept()[0].close()
+        session.run()
+    finally:
+        session.close()
+    said = re.search(r"(\d+) sockets were not tracked", err.getvalue())
+    assert said and int(said.group(1)) >= 1, err.getvalue()
+
+
 BAD_SYN = r"""
 import socket, struct, sys
 src, dst, sport, dport = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -263,7 +310,10 @@ def test_fin_of_a_connection_the_server_closed_is_hidden(bpf, ip, path):
     linger2, ack_apart, reason, state = PATHS[path]
     table = reason_table()
     port, n = free_port(family, host), 4
+    # -L leaves hiding to the end of the program; without filters it comes
+    # as soon as the segment is known to be one (HIDE_EARLY).
     with Tracer("drops", "-o", "json", "-L", str(port)) as default, \
+            Tracer("drops", "-o", "json") as unfiltered, \
             Tracer("drops", "-o", "json", "--all-reasons", "-L", str(port)) as every, \
             Tracer("drops", "-c", "-o", "json", "-L", str(port)) as counted, \
             Tracer("drops", "-c", "-o", "json", "--all-reasons", "-L", str(port)) as counted_all:
@@ -281,7 +331,7 @@ def test_fin_of_a_connection_the_server_closed_is_hidden(bpf, ip, path):
                         time.sleep(0.05)  # the server's socket turns into a TIME_WAIT one
             if reason in table:
                 wait_for(every, f'"{reason}"', n)
-            for t in (default, every, counted, counted_all):
+            for t in (default, unfiltered, every, counted, counted_all):
                 assert t.stop() == 0, t.stderr
         finally:
             server.communicate("\n", timeout=10)
@@ -299,6 +349,10 @@ def test_fin_of_a_connection_the_server_closed_is_hidden(bpf, ip, path):
     assert counted_all.json_rows() == [{"reason": reason, "lport": None, "count": n}]
     purges = f"tcptrace: {n} QUEUE_PURGE segments without payload left out"
     assert (purges in default.stderr) == (reason == "QUEUE_PURGE"), default.stderr
+    # The host's other connections may add their own purges, never take ours.
+    hidden = re.search(r"tcptrace: (\d+) QUEUE_PURGE segments without payload left out", unfiltered.stderr)
+    assert (hidden is not None and int(hidden.group(1)) >= n) == (reason == "QUEUE_PURGE"), unfiltered.stderr
+    assert [r for r in unfiltered.json_rows() if port in (r["sport"], r["dport"])] == []
     assert "QUEUE_PURGE segments" not in every.stderr + counted_all.stderr
 
 

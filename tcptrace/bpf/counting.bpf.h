@@ -20,7 +20,7 @@
 
 /* Slots of tcptrace_stats, read and reported by the runtime. */
 #define STAT_LOST_OUTPUT 0 /* events the output buffer did not take, or a count not stored */
-#define STAT_UNTRACKED 1   /* sockets not tracked: a per-socket map was full */
+#define STAT_UNTRACKED 1   /* sockets not tracked: a per-socket map was full, or a slot taken */
 #define STAT_EMITTED 2     /* events handed to the ring buffer (paces wakeups) */
 #define STAT_SLOTS 3
 

@@ -144,6 +144,27 @@ static __always_inline int tcp_headers(struct tp_kfree_skb *args, u64 skb, struc
 	return 0;
 }
 #ifdef SKIP_EMPTY_PURGE
+/* A QUEUE_PURGE segment without payload, counted instead of shown. Where
+ * no filter after the family's can refuse it (no -L, -D, -p, --cgroup,
+ * --netns), as soon as it is known (HIDE_EARLY): the socket, owner and
+ * workload reads are the row's, and a server that closes first makes one
+ * such segment per connection. Otherwise after the filters, so that the
+ * count is what --all-reasons would have added. */
+#if !defined(FILTER_LPORTS) && !defined(FILTER_RPORTS) && !defined(FILTER_PIDS) && \
+	!defined(FILTER_CGROUPS) && !defined(FILTER_NETNS)
+#define HIDE_EARLY 1
+#endif
+
+static __always_inline int count_hidden(void)
+{
+	u32 slot = 0;
+	u64 *hidden = drops_hidden.lookup(&slot);
+
+	if (hidden)
+		(*hidden)++;
+	return 0;
+}
+
 /* The TCP payload's length from the IP header's lengths and the TCP
  * header's data offset; negative when they make no sense (an IPv6 jumbo
  * packet of BIG TCP has a payload length of 0), which is never hidden. */
@@ -186,6 +207,10 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	u16 sport = ((u16)th[0] << 8) | th[1], dport = ((u16)th[2] << 8) | th[3];
 #ifdef SKIP_EMPTY_PURGE
 	int hide = reason == SKIP_EMPTY_PURGE && payload_bytes(&ev, th) == 0;
+#ifdef HIDE_EARLY
+	if (hide)
+		return count_hidden();
+#endif
 #endif
 	u16 lport = dport, rport = sport;
 	u64 sk = skb_socket(args, skb);
@@ -212,7 +237,8 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	if (!ports_ok(lport, rport))
 		return 0;
 
-	struct owner *o = sk ? owner_of(sk) : 0;
+	struct owner recorded = {};
+	struct owner *o = sk && owner_copy(sk, &recorded) ? &recorded : 0;
 
 #ifdef REASON_NO_SOCKET
 	if (!o && reason != REASON_NO_SOCKET)
@@ -234,16 +260,9 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	if (!workload_read_any(sk, &ev.cgroup_id, &ev.netns))
 		return 0;
 
-#ifdef SKIP_EMPTY_PURGE
-	/* Last, so that the count is what --all-reasons would have added. */
-	if (hide) {
-		u32 slot = 0;
-		u64 *hidden = drops_hidden.lookup(&slot);
-
-		if (hidden)
-			(*hidden)++;
-		return 0;
-	}
+#if defined(SKIP_EMPTY_PURGE) && !defined(HIDE_EARLY)
+	if (hide)
+		return count_hidden();
 #endif
 #ifdef TCPTRACE_COUNT
 	struct count_key key = {};
@@ -267,6 +286,13 @@ int on_kfree_skb(struct tp_kfree_skb *args)
 	return 0;
 }
 
+/* Three changes of a connection's ten matter here (SYN_SENT, or LISTEN, and
+ * each side's CLOSE); the others return before anything is read. */
+static __always_inline int state_change_matters(s32 oldstate, s32 newstate)
+{
+	return owner_change(oldstate, newstate) || workload_change(oldstate, newstate);
+}
+
 static __always_inline void state_changed(u64 skaddr, s32 oldstate, s32 newstate, u16 lport)
 {
 	/* connect() and listen() only (TCPTRACE_OWNERS_AT_OPEN); the delete at
@@ -283,25 +309,32 @@ static __always_inline void state_changed(u64 skaddr, s32 oldstate, s32 newstate
  * hands over its arguments, sk, oldstate and newstate, at their positions
  * in the context, and writes no record. The record would cost more than
  * this program: the tracepoint fires about ten times per connection, and a
- * drop-free load pays for it. The protocol and the local port come from the
- * socket (the record copies the same two fields). */
+ * drop-free load pays for it. The protocol, and for a listener the local
+ * port, come from the socket (the record copies the same fields). */
 int on_inet_sock_set_state(struct raw_tracepoint_args *ctx)
 {
+	s32 oldstate = (s32)raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_OLDSTATE);
+	s32 newstate = (s32)raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_NEWSTATE);
+
+	if (!state_change_matters(oldstate, newstate))
+		return 0;
+
 	u64 skaddr = raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_SK);
 	u16 protocol = 0, lport = 0;
 
 	if (read_kernel(&protocol, sizeof(protocol), (void *)(skaddr + OFF_SOCK_SK_PROTOCOL)) != 0 ||
 	    !is_tcp(protocol))
 		return 0;
-	read_kernel(&lport, sizeof(lport), (void *)(skaddr + OFF_SOCK_COMMON_SKC_NUM));
-	state_changed(skaddr, (s32)raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_OLDSTATE),
-		      (s32)raw_arg(ctx, OFF_BTF_TRACE_INET_SOCK_SET_STATE_NEWSTATE), lport);
+	/* Only a listener's port is used: owners and cgroups by local port. */
+	if (oldstate == TCP_LISTEN || newstate == TCP_LISTEN)
+		read_kernel(&lport, sizeof(lport), (void *)(skaddr + OFF_SOCK_COMMON_SKC_NUM));
+	state_changed(skaddr, oldstate, newstate, lport);
 	return 0;
 }
 #elif defined(HAVE_INET_SOCK_SET_STATE)
 int on_inet_sock_set_state(struct tp_inet_sock_set_state *args)
 {
-	if (!is_tcp(args->protocol))
+	if (!state_change_matters(args->oldstate, args->newstate) || !is_tcp(args->protocol))
 		return 0;
 	state_changed(args->skaddr, args->oldstate, args->newstate, args->sport);
 	return 0;

@@ -106,6 +106,16 @@ BPF_TABLE("lru_hash", u16, u64, listen_cgroups, 4096);
 /* Call on every TCP state change, before workload_read(). LRU maps: a
  * socket's entry is replaced when its address is reused by the next
  * connect, listen or accept, and nothing pins one forever. */
+/* Whether workload_track() has anything to do with this change. */
+static __always_inline int workload_change(s32 oldstate, s32 newstate)
+{
+#ifdef WORKLOAD_OWNER_CGROUP
+	return newstate == TCP_SYN_SENT || newstate == TCP_LISTEN || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+#else
+	return 0;
+#endif
+}
+
 static __always_inline void workload_track(u64 sk, s32 oldstate, s32 newstate, u16 lport)
 {
 #ifdef WORKLOAD_OWNER_CGROUP

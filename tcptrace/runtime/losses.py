@@ -58,7 +58,8 @@ class Losses:
             printed = f"; {stream.rows} printed" if stream else ""
             say(f"{self.lost} events lost in all{printed}")
         if self.untracked:
-            say(f"{self.untracked} sockets were not tracked (a per-socket map was full)")
+            say(f"{self.untracked} sockets were not tracked (a per-socket map was full, or another socket "
+                "took its slot in the owners table)")
         if stream and stream.short:
             say(f"{stream.short} samples were shorter than the event and not decoded")
         malformed = self.malformed + (stream.malformed if stream else 0)
