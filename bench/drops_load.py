@@ -14,7 +14,7 @@ QUEUE_PURGE (about one segment per connection on 6.12 and later).
 counts them; `tcptrace drops --reason NO_SOCKET` reaches the ring for none
 either, through its reason filter.
 
-    sudo python3 bench/drops_load.py [--rounds 5] [--seconds 3] [--pairs 2] [--json PATH] [--only TRACER]
+    sudo python3 bench/drops_load.py [--rounds 10] [--seconds 2] [--pairs 2] [--json PATH] [--only TRACER]
 
 After the rounds, --program-rounds more loads per tracer read its BPF
 programs' run time per connection from the kernel's own account
@@ -124,8 +124,8 @@ def program_time(which, seconds, pairs, port):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--port", type=int, default=24000)
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
