@@ -34,72 +34,119 @@ BPF_HASH(listen_owners, u16, struct owner, 4096);
 #define OWNERS_ALL_CHANGES 0
 /*
  * The owners of connect()ed and listening sockets, in a table of
- * TCPTRACE_MAX_SOCKETS slots indexed by a hash of the socket's address: a
- * plain write at connect() and a compare at close, where a hash map takes a
- * locked insert and a locked delete (measured on 6.18: about 400 ns of the
- * program's time per connection, most of what a drop-free load pays). A
- * socket whose slot a live socket holds takes it: the one it displaces is
+ * TCPTRACE_MAX_SOCKETS slots, in buckets of OWNER_WAYS picked by a hash of
+ * the socket's address: a map lookup, a few compares and plain writes at
+ * connect() and at close, where a hash map takes a locked insert and a
+ * locked delete (measured on 6.18: about 400 ns of the program's time per
+ * connection, most of what a drop-free load pays). A socket whose bucket
+ * live sockets fill takes one of their slots: the one it displaces is
  * counted as not tracked (STAT_UNTRACKED), and its drops fall back to the
- * listener's owner. A slot is claimed by writing its socket last and read
- * by checking its socket before and after the copy, so that a reader does
- * not take a slot being rewritten for its own (stores keep their order on
- * x86; a CPU that reorders them leaves a window of a few instructions).
+ * listener's owner. A bucket is full only when four sockets open at once
+ * share it: with 5,000 connect()ed sockets open, about one connect() in
+ * 3,500 displaces one (one in 14 with a slot per bucket). A slot is
+ * claimed by writing its socket last and read by checking its socket
+ * before and after the copy, so that a reader does not take a slot being
+ * rewritten for its own (stores keep their order on x86; a CPU that
+ * reorders them leaves a window of a few instructions).
  */
-#if (TCPTRACE_MAX_SOCKETS & (TCPTRACE_MAX_SOCKETS - 1)) != 0
-#error "TCPTRACE_MAX_SOCKETS must be a power of two"
+#define OWNER_WAYS 4
+#if (TCPTRACE_MAX_SOCKETS & (TCPTRACE_MAX_SOCKETS - 1)) != 0 || TCPTRACE_MAX_SOCKETS < OWNER_WAYS
+#error "TCPTRACE_MAX_SOCKETS must be a power of two, at least OWNER_WAYS"
 #endif
 struct owner_slot {
 	u64 sk;
 	struct owner o;
 };
 
-BPF_ARRAY(owner_slots, struct owner_slot, TCPTRACE_MAX_SOCKETS);
+struct owner_bucket {
+	struct owner_slot way[OWNER_WAYS];
+};
+
+BPF_ARRAY(owner_buckets, struct owner_bucket, TCPTRACE_MAX_SOCKETS / OWNER_WAYS);
 
 #define owners_barrier() asm volatile("" ::: "memory")
+#define SLOT_SK(slot) (*(volatile u64 *)&(slot)->sk)
 
-static __always_inline struct owner_slot *owner_slot(u64 skaddr)
+static __always_inline u32 owner_hash(u64 skaddr)
 {
-	u32 index = (u32)((skaddr * 0x9E3779B97F4A7C15ULL) >> 32) & (TCPTRACE_MAX_SOCKETS - 1);
+	return (u32)((skaddr * 0x9E3779B97F4A7C15ULL) >> 32);
+}
 
-	return owner_slots.lookup(&index);
+static __always_inline struct owner_bucket *owner_bucket(u64 skaddr)
+{
+	u32 index = owner_hash(skaddr) & (TCPTRACE_MAX_SOCKETS / OWNER_WAYS - 1);
+
+	return owner_buckets.lookup(&index);
 }
 
 /* 0 when stored without displacing another socket's owner. */
 static __always_inline int save_owner(u64 skaddr, struct owner *o)
 {
-	struct owner_slot *slot = owner_slot(skaddr);
+	struct owner_bucket *bucket = owner_bucket(skaddr);
+	u32 pick = OWNER_WAYS, empty = OWNER_WAYS;
 
-	if (!slot)
+	if (!bucket)
 		return -1;
-	u64 held = *(volatile u64 *)&slot->sk;
+#pragma unroll
+	for (u32 i = 0; i < OWNER_WAYS; i++) {
+		u64 held = SLOT_SK(&bucket->way[i]);
 
-	*(volatile u64 *)&slot->sk = 0;
+		if (held == skaddr && pick == OWNER_WAYS)
+			pick = i;
+		if (!held && empty == OWNER_WAYS)
+			empty = i;
+	}
+	int displaced = 0;
+
+	if (pick == OWNER_WAYS)
+		pick = empty;
+	if (pick == OWNER_WAYS) {  /* all ways live: one of them goes */
+		pick = (owner_hash(skaddr) >> 28) & (OWNER_WAYS - 1);
+		displaced = 1;
+	}
+	pick &= OWNER_WAYS - 1;  /* bounded for the verifier */
+	struct owner_slot *slot = &bucket->way[pick];
+
+	SLOT_SK(slot) = 0;
 	owners_barrier();
 	__builtin_memcpy(&slot->o, o, sizeof(*o));
 	owners_barrier();
-	*(volatile u64 *)&slot->sk = skaddr;
-	return held && held != skaddr ? -1 : 0;
+	SLOT_SK(slot) = skaddr;
+	return displaced ? -1 : 0;
 }
 
 /* Copies the socket's owner into *out; 0 when it has none recorded. */
 static __always_inline int owner_copy(u64 skaddr, struct owner *out)
 {
-	struct owner_slot *slot = owner_slot(skaddr);
+	struct owner_bucket *bucket = owner_bucket(skaddr);
 
-	if (!slot || *(volatile u64 *)&slot->sk != skaddr)
+	if (!bucket)
 		return 0;
-	owners_barrier();
-	__builtin_memcpy(out, &slot->o, sizeof(*out));
-	owners_barrier();
-	return *(volatile u64 *)&slot->sk == skaddr && out->known;
+#pragma unroll
+	for (u32 i = 0; i < OWNER_WAYS; i++) {
+		struct owner_slot *slot = &bucket->way[i];
+
+		if (SLOT_SK(slot) != skaddr)
+			continue;
+		owners_barrier();
+		__builtin_memcpy(out, &slot->o, sizeof(*out));
+		owners_barrier();
+		return SLOT_SK(slot) == skaddr && out->known;
+	}
+	return 0;
 }
 
 static __always_inline void forget_owner(u64 skaddr)
 {
-	struct owner_slot *slot = owner_slot(skaddr);
+	struct owner_bucket *bucket = owner_bucket(skaddr);
 
-	if (slot && *(volatile u64 *)&slot->sk == skaddr)
-		*(volatile u64 *)&slot->sk = 0;
+	if (!bucket)
+		return;
+#pragma unroll
+	for (u32 i = 0; i < OWNER_WAYS; i++) {
+		if (SLOT_SK(&bucket->way[i]) == skaddr)
+			SLOT_SK(&bucket->way[i]) = 0;
+	}
 }
 #else
 #define OWNERS_ALL_CHANGES 1
