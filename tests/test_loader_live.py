@@ -235,7 +235,8 @@ def test_every_program_loads_and_attaches_without_bcc(bpf, spec, opts):
     obj, _mode = runtime.build_program(bcc, plan.text, plan.release)
     functions = [tp.function for tp in spec.tracepoints if tp.name in plan.formats]
     try:
-        compiled = bcc_runtime.capture(obj, functions, raw=plan.raw_functions)
+        compiled = bcc_runtime.capture(obj, functions, raw=[tp.function for tp in spec.tracepoints
+                                                             if tp.name in plan.raw])
         names = {name: obj[name.encode()].map_fd for name in (m.name for m in compiled.maps)}
         bcc_maps = {name: bpfsys.map_info(fd) for name, fd in names.items()}
     finally:

@@ -25,9 +25,9 @@ def cacheable(plan):
             and not os.environ.get("TCPTRACE_NO_CACHE"))
 
 
-def load(plan, what, functions, verbose, err=sys.stderr):
-    """The plan's program in the kernel (a Program)."""
-    raw = tuple(f for f in functions if f in plan.raw_functions)
+def load(plan, what, functions, verbose, err=sys.stderr, raw=()):
+    """The plan's program in the kernel (a Program); the functions in raw
+    are raw tracepoint programs."""
     version = compiled.bcc_version(bcc.BCC_DIRS)
     path = None
     if cacheable(plan) and version:

@@ -129,10 +129,6 @@ class Plan:
     symbols: dict = field(default_factory=dict)
     raw: tuple = ()  # the tracepoints taken raw (spec.Tracepoint.raw)
 
-    @property
-    def raw_functions(self):
-        return tuple(f"on_{name.split(':', 1)[1]}" for name in self.raw)
-
 
 def symbols_of(formats):
     """The kernel's __print_symbolic tables: "category:event.field" -> {number: name}."""

@@ -93,8 +93,9 @@ class Session:
             from ..workload import Resolver
 
             self.ctx.workload = Resolver()
-        functions = [tp.function for tp in self.spec.tracepoints if self._used(tp)]
-        self.program = build.load(self.plan, f"`tcptrace {self.spec.name}`", functions, self.verbose, self.err)
+        used = [tp for tp in self.spec.tracepoints if self._used(tp)]
+        self.program = build.load(self.plan, f"`tcptrace {self.spec.name}`", [tp.function for tp in used],
+                                  self.verbose, self.err, [tp.function for tp in used if tp.name in self.plan.raw])
         t1 = time.monotonic()
         self._fill_maps()
         self._attach()
