@@ -38,7 +38,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from run import cpu_seconds, load_record, stop_process, write_json  # noqa: E402
+from run import (  # noqa: E402
+    bpf_stats, cpu_seconds, load_record, prog_ids, prog_stats, stop_process, write_json,
+)
 
 BPFTRACE = "tracepoint:skb:kfree_skb { @[args->reason] = count(); }"
 # "tcptrace drops, <RECORD>": the state changes read from the tracepoint's
@@ -80,46 +82,25 @@ def attach(which):
     raise SystemExit(f"{which} did not start (status {proc.wait()})")
 
 
-STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
-
-
-def programs():
-    """{id: bpftool's description} of every BPF program loaded now, or None
-    without bpftool."""
-    try:
-        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return {p["id"]: p for p in json.loads(out.stdout or "[]")} if out.returncode == 0 else None
-
-
 def program_time(which, seconds, pairs, port):
     """The tracer's BPF programs' run time per connection of a load, in ns:
-    the kernel's own account (kernel.bpf_stats_enabled, on for the load
-    only, since keeping it costs every program two clock reads); the
-    tracer's programs are those that appeared when it attached. None where
-    the kernel or bpftool cannot tell."""
-    before = programs()
-    if before is None or not os.path.exists(STATS_SYSCTL):
+    the kernel's own account (bpf_stats(), on for the load only, since it
+    costs every program two clock reads). None where bpftool cannot tell."""
+    if not shutil.which("bpftool"):
         return None
     proc = attach(which)
     try:
-        ours = [i for i in (programs() or {}) if i not in before]
-        with open(STATS_SYSCTL) as f:
-            was = f.read().strip()
-        with open(STATS_SYSCTL, "w") as f:
-            f.write("1")
-        try:
+        ids = prog_ids(proc.pid)
+        with bpf_stats():
+            before = prog_stats(ids)
             summary = load(seconds, pairs, port)
-            after = programs() or {}
-        finally:
-            with open(STATS_SYSCTL, "w") as f:
-                f.write(was)
+            after = prog_stats(ids)
     finally:
         stop_process(proc)
-    if not ours or not summary.get("connections"):
+    if not after or not summary.get("connections"):
         return None
-    return sum(after.get(i, {}).get("run_time_ns", 0) for i in ours) / summary["connections"]
+    spent = sum(ns - before.get(i, (0,))[0] for i, (ns, _runs, _missed) in after.items())
+    return spent / summary["connections"]
 
 
 def main(argv=None):

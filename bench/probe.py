@@ -46,7 +46,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import cpu_seconds, load_record, stop_process, tracer_env, write_json  # noqa: E402
+from run import (  # noqa: E402
+    bpf_stats, cpu_seconds, load_record, prog_ids, prog_stats, stop_process, tracer_env, write_json,
+)
 
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -103,32 +105,6 @@ def iperf(port, seconds):
     if out.returncode != 0:
         raise SystemExit(f"iperf3 failed: {out.stdout[-500:]} {out.stderr[-500:]}")
     return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
-
-
-def prog_ids(pid):
-    """The BPF programs a process holds open (their fds' fdinfo)."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                found = re.search(r"^prog_id:\s*(\d+)", f.read(), re.M)
-        except OSError:
-            continue
-        if found:
-            ids.add(int(found.group(1)))
-    return ids
-
-
-def prog_stats(ids):
-    """{id: (run_time_ns, run_cnt, recursion_misses)}; the first two while
-    kernel.bpf_stats_enabled is 1."""
-    out = {}
-    for pid in ids:
-        shown = subprocess.run(["bpftool", "prog", "show", "id", str(pid), "-j"], capture_output=True, text=True)
-        if shown.returncode == 0:
-            info = json.loads(shown.stdout)
-            out[pid] = (info.get("run_time_ns", 0), info.get("run_cnt", 0), info.get("recursion_misses", 0))
-    return out
 
 
 def bpf_cost(before, after):
@@ -226,22 +202,17 @@ def main(argv=None):
     port = free_port()
     server = subprocess.Popen(["iperf3", "-s", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = {name: [] for name in table}
-    # The kernel times every BPF program run while this is 1 (a few ns
-    # each, for all tracers alike); restored at the end.
-    stats_knob = Path("/proc/sys/kernel/bpf_stats_enabled")
-    stats_was = stats_knob.read_text().strip()
-    stats_knob.write_text("1")
     try:
-        time.sleep(0.5)
-        names = list(table)
-        for rep in range(args.repeat):
-            order = names[rep % len(names):] + names[: rep % len(names)]
-            for name in order:
-                results[name].append(one(name, table[name], port, args.seconds))
-                print(f"# {rep + 1}/{args.repeat} {name}: {results[name][-1]['bps'] / 1e9:.2f} Gbit/s",
-                      file=sys.stderr, flush=True)
+        with bpf_stats():  # for the whole run, all tracers alike
+            time.sleep(0.5)
+            names = list(table)
+            for rep in range(args.repeat):
+                order = names[rep % len(names):] + names[: rep % len(names)]
+                for name in order:
+                    results[name].append(one(name, table[name], port, args.seconds))
+                    print(f"# {rep + 1}/{args.repeat} {name}: {results[name][-1]['bps'] / 1e9:.2f} Gbit/s",
+                          file=sys.stderr, flush=True)
     finally:
-        stats_knob.write_text(stats_was)
         server.send_signal(signal.SIGINT)
         stop_process(server)
     report = render(results, args.seconds, args.repeat)

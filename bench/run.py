@@ -39,6 +39,7 @@ all of it).
 
 import argparse
 import collections
+import contextlib
 import datetime
 import glob
 import json
@@ -184,6 +185,46 @@ def tree(pid):
             except OSError:
                 pass
     return out
+
+
+def prog_ids(pid):
+    """The BPF programs a process holds open (their fds' fdinfo)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                found = re.search(r"^prog_id:\s*(\d+)", f.read(), re.M)
+        except OSError:
+            continue
+        if found:
+            ids.add(int(found.group(1)))
+    return ids
+
+
+def prog_stats(ids):
+    """{id: (run_time_ns, run_cnt, recursion_misses)}; the first two while
+    kernel.bpf_stats_enabled is 1 (bpf_stats())."""
+    out = {}
+    for pid in ids:
+        shown = subprocess.run(["bpftool", "prog", "show", "id", str(pid), "-j"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            info = json.loads(shown.stdout)
+            out[pid] = (info.get("run_time_ns", 0), info.get("run_cnt", 0), info.get("recursion_misses", 0))
+    return out
+
+
+@contextlib.contextmanager
+def bpf_stats():
+    """kernel.bpf_stats_enabled on inside the block, as it was after: the
+    kernel then times every BPF program run (two clock reads each, for
+    every tracer alike)."""
+    knob = Path("/proc/sys/kernel/bpf_stats_enabled")
+    was = knob.read_text().strip()
+    knob.write_text("1")
+    try:
+        yield
+    finally:
+        knob.write_text(was)
 
 
 def cpu_seconds(pid):

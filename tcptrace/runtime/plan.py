@@ -176,10 +176,10 @@ def plan(spec, opts, source, release=None, btf_offsets=None):
         for name, values in entries.items():
             maps.setdefault(name, []).extend(values)
     raw = raw_tracepoints(spec, formats, found)
-    for name in raw:
-        defs[f"RAW_{name.split(':', 1)[1].upper()}"] = 1
+    for tp in raw:
+        defs[f"RAW_{tp.event.upper()}"] = 1
     text = codegen.program(spec, formats, defs, release)
-    return Plan(text, formats, missing, use_ring, found, release, maps, symbols, raw)
+    return Plan(text, formats, missing, use_ring, found, release, maps, symbols, tuple(tp.name for tp in raw))
 
 
 def raw_tracepoints(spec, formats, found):
@@ -188,5 +188,4 @@ def raw_tracepoints(spec, formats, found):
     record instead (to compare, or to rule the raw form out)."""
     if os.environ.get("TCPTRACE_NO_RAW_TRACEPOINTS", "") not in ("", "0"):
         return ()
-    return tuple(tp.name for tp in spec.tracepoints
-                 if tp.raw and tp.name in formats and all(need in found for need in tp.raw))
+    return [tp for tp in spec.tracepoints if tp.raw and tp.name in formats and all(need in found for need in tp.raw)]
